@@ -1,0 +1,25 @@
+"""favorplus: FAVOR+ attention (Performers) for every array API backend.
+
+One implementation, written against the Python array API standard, runs on NumPy,
+PyTorch, JAX, CuPy and array-api-strict arrays and returns results of the caller's
+own kind, on the caller's device.
+"""
+
+from .attention import favor_attention, favor_attention_matrix, softmax_attention
+from .causal import CausalState, favor_attention_step, init_causal_state
+from .features import KERNELS, feature_map
+from .projection import draw_projection
+
+__all__ = [
+    "KERNELS",
+    "CausalState",
+    "draw_projection",
+    "favor_attention",
+    "favor_attention_matrix",
+    "favor_attention_step",
+    "feature_map",
+    "init_causal_state",
+    "softmax_attention",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Stabilized features: exponentials shifted by constants that cancel exactly.
+
+* Queries: one constant per query row (it cancels between numerator and denominator).
+* Keys, bidirectional: one constant per feature column, over the unmasked keys of a
+  sequence, added back on the query side, so that ``q_r * k_r`` is unchanged for
+  every feature r. Every key feature is then at most 1 and, for the row's largest
+  query feature (equal to 1), some unmasked key has feature exactly 1: the
+  normaliser of a positive kernel is at least 1 and can neither overflow nor
+  underflow.
+* Keys, causal: a running maximum over the past only (see ``causal.py``).
+"""
+
+from __future__ import annotations
+
+from ._backend import Array, Namespace, stop_gradient
+from .features import FeatureParts
+
+NEG_INF = float("-inf")
+
+
+def query_features(xp: Namespace, parts: FeatureParts, shift: Array | None = None) -> Array:
+    """Query features stabilized by their row maximum; ``shift`` is added to the log part."""
+    log = parts.log
+    if shift is not None and shift.shape[-1] > 1:
+        log = shift if log is None else log + shift
+    if log is None or log.shape[-1] == 1:
+        # A constant per row cancels in the ratio: nothing to exponentiate.
+        assert parts.sign is not None
+        return parts.sign
+    top = stop_gradient(xp.max(log, axis=-1, keepdims=True))
+    values = xp.exp(log - top)
+    return values if parts.sign is None else parts.sign * values
+
+
+def bidirectional_features(
+    xp: Namespace, qparts: FeatureParts, kparts: FeatureParts, key_mask: Array | None
+) -> tuple[Array, Array]:
+    """Stabilized query and key features whose products equal the true ones."""
+    mask = None if key_mask is None else key_mask[..., None]
+    shift = None
+    if kparts.log is None:
+        assert kparts.sign is not None
+        kf = kparts.sign if mask is None else xp.where(mask, kparts.sign, 0.0)
+    else:
+        lk = kparts.log
+        masked = lk if mask is None else xp.where(mask, lk, NEG_INF)
+        top = xp.max(masked, axis=-2, keepdims=True)
+        top = stop_gradient(xp.where(xp.isfinite(top), top, 0.0))
+        kf = xp.exp(masked - top)
+        if kparts.sign is not None:
+            kf = kparts.sign * kf
+        shift = top
+    return query_features(xp, qparts, shift), kf

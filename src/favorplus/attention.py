@@ -1,0 +1,237 @@
+"""Exact softmax attention and bidirectional / causal FAVOR+ attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._backend import Array, Namespace
+from ._stabilize import bidirectional_features
+from ._validation import Checked, check_attention_inputs
+from .features import FeatureParts, KernelLike, feature_parts, resolve_kernel
+
+__all__ = ["favor_attention", "favor_attention_matrix", "softmax_attention"]
+
+
+def _apply_key_mask(xp: Namespace, x: Array, key_mask: Array | None) -> Array:
+    """Zero masked keys or values so that nothing of them (not even NaN) can leak."""
+    if key_mask is None:
+        return x
+    return xp.where(key_mask[..., None], x, 0.0)
+
+
+def safe_divide(xp: Namespace, num: Array, den: Array) -> Array:
+    """``num / den``, and 0 on rows whose normaliser is exactly 0 (no key to attend to)."""
+    zero = den == 0
+    return xp.where(zero, 0.0, num / xp.where(zero, 1.0, den))
+
+
+def _prepare(
+    q: Array,
+    k: Array,
+    v: Array,
+    projection: Array | None,
+    kernel: KernelLike,
+    key_mask: Array | None,
+    scale: float | None,
+    causal: bool,
+) -> tuple[Checked, Array, Array, Array, Array | None, Any]:
+    kern = resolve_kernel(kernel)
+    chk = check_attention_inputs(
+        q, k, v, key_mask, scale, projection=projection, kernel=kern, causal=causal
+    )
+    xp, dt = chk.xp, chk.dtype
+    qc = xp.astype(q, dt, copy=False)
+    kc = _apply_key_mask(xp, xp.astype(k, dt, copy=False), key_mask)
+    vc = _apply_key_mask(xp, xp.astype(v, dt, copy=False), key_mask)
+    w = None if projection is None else xp.astype(projection, dt, copy=False)
+    return chk, qc, kc, vc, w, kern
+
+
+def _parts(
+    chk: Checked, qc: Array, kc: Array, w: Array | None, kern: Any
+) -> tuple[FeatureParts, FeatureParts]:
+    xp = chk.xp
+    qparts = feature_parts(xp, qc, w, kern, chk.scale, row_constants=False)
+    kparts = feature_parts(xp, kc, w, kern, chk.scale, row_constants=True)
+    return qparts, kparts
+
+
+def favor_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    projection: Array | None,
+    *,
+    kernel: KernelLike = "softmax",
+    causal: bool = False,
+    key_mask: Array | None = None,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> Array:
+    """FAVOR+ attention: an estimate of ``softmax(scale * q @ k.T) @ v`` in linear time.
+
+    Parameters
+    ----------
+    q : array, shape (..., Lq, d)
+    k : array, shape (..., Lk, d)
+    v : array, shape (..., Lk, dv)
+        Leading (batch, heads, ...) dimensions broadcast against each other.
+    projection : array, shape (m, d), or None
+        From :func:`favorplus.draw_projection`, same namespace and device as q.
+        ``None`` only for generalized kernels (deterministic ``f(x)`` features).
+    kernel : str or callable
+        ``"softmax"`` (positive FAVOR+ features, the default), ``"softmax_hyperbolic"``
+        (antithetic positive features, lower variance, 2m features),
+        ``"softmax_trig"`` (the older trigonometric features; unbiased but the
+        normaliser can approach zero or change sign: for comparison only),
+        ``"relu"`` or a callable ``f`` applied elementwise to the projections
+        (generalized attention, features ``f(W x)``).
+    causal : bool
+        Unidirectional attention: query i attends to keys j <= i (needs Lq = Lk).
+        Output row t depends on nothing after position t.
+    key_mask : bool array, shape (..., Lk), optional
+        True where a key takes part. A masked key changes neither numerator nor
+        denominator, whatever its values. Rows with no key to attend to return 0.
+    scale : float, optional
+        Inner-product scale, default ``1 / sqrt(d)``.
+    chunk_size : int, optional
+        Causal mode only: length of the chunks of the linear-memory algorithm
+        (default: chosen from the length). Never changes the result beyond float
+        rounding.
+
+    Returns
+    -------
+    array, shape (..., Lq, dv)
+        In v's namespace, device and dtype. float16 and bfloat16 inputs are
+        computed in float32; float64 stays float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from favorplus import draw_projection, favor_attention, softmax_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 128, 16)) * 0.5 for _ in range(3))
+    >>> w = draw_projection(256, 16, seed=1)
+    >>> out = favor_attention(q, k, v, w)
+    >>> exact = softmax_attention(q, k, v)
+    >>> out.shape
+    (2, 128, 16)
+    >>> bool(np.linalg.norm(out - exact) / np.linalg.norm(exact) < 0.05)
+    True
+    """
+    chk, qc, kc, vc, w, kern = _prepare(q, k, v, projection, kernel, key_mask, scale, causal)
+    xp = chk.xp
+    if causal:
+        from .causal import causal_from_parts, check_chunk_size
+
+        qparts, kparts = _parts(chk, qc, kc, w, kern)
+        out, _ = causal_from_parts(
+            xp, qparts, kparts, vc, key_mask, None, chk.batch, check_chunk_size(chunk_size)
+        )
+    else:
+        qparts, kparts = _parts(chk, qc, kc, w, kern)
+        qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
+        out = _linear_attention(xp, qf, kf, vc)
+    return xp.astype(out, v.dtype, copy=False)
+
+
+def _linear_attention(xp: Namespace, qf: Array, kf: Array, v: Array) -> Array:
+    """``D^-1 qf (kf^T [v, 1])`` without any L x L array."""
+    kv = xp.matmul(xp.matrix_transpose(kf), v)
+    ksum = xp.sum(kf, axis=-2)[..., None]
+    batch = kv.shape[:-2]
+    if ksum.shape[:-2] != batch:
+        ksum = xp.broadcast_to(ksum, (*batch, *ksum.shape[-2:]))
+    out = xp.matmul(qf, xp.concat([kv, ksum], axis=-1))
+    return safe_divide(xp, out[..., :-1], out[..., -1:])
+
+
+def favor_attention_matrix(
+    q: Array,
+    k: Array,
+    projection: Array | None,
+    *,
+    kernel: KernelLike = "softmax",
+    causal: bool = False,
+    key_mask: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """The row-normalised attention matrix that FAVOR+ implicitly uses (O(Lq Lk) memory).
+
+    For diagnostics on small inputs: ``favor_attention_matrix(q, k, w) @ v`` equals
+    ``favor_attention(q, k, v, w)`` up to float rounding.
+
+    Returns
+    -------
+    array, shape (..., Lq, Lk)
+        Rows sum to 1 (rows with no key to attend to are 0).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from favorplus import draw_projection, favor_attention_matrix
+    >>> x = np.random.default_rng(0).standard_normal((5, 8))
+    >>> a = favor_attention_matrix(x, x, draw_projection(64, 8, seed=0), causal=True)
+    >>> bool(np.allclose(a.sum(-1), 1.0)), bool(np.all(np.triu(a, 1) == 0))
+    (True, True)
+    """
+    chk, qc, kc, _, w, kern = _prepare(q, k, k, projection, kernel, key_mask, scale, causal)
+    xp = chk.xp
+    qparts, kparts = _parts(chk, qc, kc, w, kern)
+    qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
+    scores = xp.matmul(qf, xp.matrix_transpose(kf))
+    if causal:
+        scores = xp.where(_tril(xp, scores.shape[-2], scores.shape[-1], scores), scores, 0.0)
+    den = xp.sum(scores, axis=-1, keepdims=True)
+    return xp.astype(safe_divide(xp, scores, den), q.dtype, copy=False)
+
+
+def _tril(xp: Namespace, rows: int, cols: int, like: Array) -> Array:
+    import array_api_compat
+
+    dev = array_api_compat.device(like)
+    i = xp.arange(rows, device=dev)[:, None]
+    j = xp.arange(cols, device=dev)[None, :]
+    return j <= i
+
+
+def softmax_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool = False,
+    key_mask: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Exact, numerically stable ``softmax(scale * q @ k.T) @ v`` (O(Lq Lk) memory).
+
+    Same conventions as :func:`favor_attention`; the reference for tests and
+    benchmarks. Rows with no key to attend to return 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from favorplus import softmax_attention
+    >>> q = np.zeros((1, 3, 4)); k = np.zeros((1, 3, 4)); v = np.arange(12.0).reshape(1, 3, 4)
+    >>> softmax_attention(q, k, v, causal=True)[0, 1]
+    array([2., 3., 4., 5.])
+    """
+    chk = check_attention_inputs(q, k, v, key_mask, scale, causal=causal)
+    xp, dt = chk.xp, chk.dtype
+    qc = xp.astype(q, dt, copy=False)
+    kc = _apply_key_mask(xp, xp.astype(k, dt, copy=False), key_mask)
+    vc = _apply_key_mask(xp, xp.astype(v, dt, copy=False), key_mask)
+    scores = xp.matmul(qc, xp.matrix_transpose(kc)) * chk.scale
+    allowed = None if key_mask is None else key_mask[..., None, :]
+    if causal:
+        tri = _tril(xp, scores.shape[-2], scores.shape[-1], scores)
+        allowed = tri if allowed is None else xp.logical_and(tri, allowed)
+    if allowed is not None:
+        scores = xp.where(allowed, scores, float("-inf"))
+    top = xp.max(scores, axis=-1, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0.0)
+    weights = xp.exp(scores - top)
+    den = xp.sum(weights, axis=-1, keepdims=True)
+    out = safe_divide(xp, xp.matmul(weights, vc), den)
+    return xp.astype(out, v.dtype, copy=False)

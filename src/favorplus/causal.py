@@ -1,0 +1,354 @@
+"""Causal FAVOR+ in linear memory, leak-free and overflow-safe, and incremental decoding.
+
+The algorithm (FAVOR-NOTES section 5) is scalar-gated linear attention. Let ``u_j`` be
+key j's log-features and ``c_j = max(c_{j-1}, max_r u_{j,r})`` the running maximum
+over the past (masked keys excluded). Keys are used as ``k^_j = exp(u_j - c_j) <= 1``
+and the state after t keys is ``S_t = sum_{j<=t} exp(c_j - c_t) k^_j [v_j, 1]^T``.
+Every quantity used for output row i depends on positions ``<= i`` only, and every
+exponent is ``<= 0``: no leak from the future, no overflow.
+
+The sequence is cut into chunks of C tokens. Inside a chunk, row i gets
+``sum_{j<=i} (q^_i . k^_j) exp(c_j - c_i) [v_j, 1]`` through C x C matrices; across
+chunks, the states before each chunk come from one linear scan over the chunks (not
+the tokens), then ``exp(c_prev - c_i) q^_i S_prev``. Memory is
+O(L (m + d) + L C + (L / C) m d).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from ._backend import Array, Namespace, broadcast_shapes, linear_scan, stop_gradient
+from ._stabilize import NEG_INF, query_features
+from .attention import _parts, _prepare, safe_divide
+from .features import FeatureParts, KernelLike, resolve_kernel
+
+__all__ = ["CausalState", "favor_attention_step", "init_causal_state"]
+
+DEFAULT_CHUNK = 64
+
+
+class CausalState(NamedTuple):
+    """Decoding state of causal FAVOR+ (a tuple of two arrays, a JAX pytree).
+
+    Attributes
+    ----------
+    numerator : array, shape (..., M, dv + 1)
+        ``sum_j exp(u_j - c) [v_j, 1]^T`` over the keys seen so far; the last column
+        holds the normaliser's state.
+    log_scale : array, shape (...)
+        ``c``, the running maximum of the key log-features seen so far (the most
+        negative finite number of the dtype before any key).
+    """
+
+    numerator: Array
+    log_scale: Array
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be a positive int or None; got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1; got {chunk_size}")
+    return int(chunk_size)
+
+
+def _floor(xp: Namespace, dtype: Any) -> float:
+    return float(xp.finfo(dtype).min)
+
+
+def _pad(xp: Namespace, x: Array, pad: int, axis: int, value: Any = 0) -> Array:
+    shape = list(x.shape)
+    shape[axis] = pad
+    dev = array_api_compat.device(x)
+    filler = xp.full(tuple(shape), value, dtype=x.dtype, device=dev)
+    return xp.concat([x, filler], axis=axis)
+
+
+def _running_max(xp: Namespace, x: Array, floor: float) -> Array:
+    """Inclusive running maximum along the last axis (size n) via an n x n masked max."""
+    n = x.shape[-1]
+    dev = array_api_compat.device(x)
+    idx = xp.arange(n, device=dev)
+    tri = idx[None, :] <= idx[:, None]
+    return xp.max(xp.where(tri, x[..., None, :], floor), axis=-1)
+
+
+def _causal_core(
+    xp: Namespace,
+    qf: Array,
+    lk: Array | None,
+    sk: Array | None,
+    mask: Array | None,
+    v: Array,
+    state: CausalState,
+    chunk: int,
+) -> tuple[Array, CausalState]:
+    """Chunked causal attention from stabilized query features and key parts.
+
+    All arrays carry the full batch shape ``B``: qf (B, L, M), lk (B, L, M or 1) or
+    None, sk (B, L, M) or None, mask (B, L) or None, v (B, L, dv); the state
+    (B, M, dv + 1) and (B,).
+    """
+    *batch, length, _ = qf.shape
+    dt = qf.dtype
+    dev = array_api_compat.device(qf)
+    floor = _floor(xp, dt)
+    size = max(1, min(chunk, length))
+    n = -(-length // size)
+    pad = n * size - length
+
+    vp = xp.concat([v, xp.ones((*batch, length, 1), dtype=dt, device=dev)], axis=-1)
+    if lk is None:
+        lk = xp.zeros((*batch, length, 1), dtype=dt, device=dev)
+    if pad:
+        # Padding tokens are masked keys (and queries whose rows are dropped).
+        if mask is None:
+            mask = xp.ones((*batch, length), dtype=xp.bool, device=dev)
+        mask = _pad(xp, mask, pad, -1, False)
+        qf, lk, vp = (_pad(xp, a, pad, -2) for a in (qf, lk, vp))
+        if sk is not None:
+            sk = _pad(xp, sk, pad, -2)
+    top = stop_gradient(xp.max(lk, axis=-1))
+    top = xp.maximum(top, xp.asarray(floor, dtype=dt, device=dev))
+    if mask is not None:
+        top = xp.where(mask, top, floor)
+
+    def chunks(x: Array) -> Array:
+        return xp.reshape(x, (*batch, n, size, *x.shape[len(batch) + 1 :]))
+
+    qc, lc, vc, ec = chunks(qf), chunks(lk), chunks(vp), chunks(top)
+    mc = None if mask is None else chunks(mask)
+    sc = None if sk is None else chunks(sk)
+
+    cin = _running_max(xp, ec, floor)  # (B, n, C): running max inside each chunk
+    firsts = xp.concat([state.log_scale[..., None], cin[..., -1]], axis=-1)
+    prefix = _running_max(xp, firsts, floor)  # (B, n + 1): reference before chunk i / at end
+    before = prefix[..., :n]
+    c = xp.maximum(cin, before[..., None])  # (B, n, C): running max at each token
+
+    arg = lc - c[..., None]
+    if mc is not None:
+        arg = xp.where(mc[..., None], arg, NEG_INF)
+    kh = xp.exp(arg)
+    if sc is not None:
+        kh = sc * kh
+
+    idx = xp.arange(size, device=dev)
+    tri = idx[None, :] <= idx[:, None]
+    decay = xp.exp(xp.where(tri, c[..., None, :] - c[..., :, None], NEG_INF))
+    scores = xp.matmul(qc, xp.matrix_transpose(kh))
+    weights = xp.where(tri, scores * decay, 0.0)
+    out = xp.matmul(weights, vc)
+
+    after = prefix[..., 1:]
+    scaled_v = vc * xp.exp(c - after[..., None])[..., None]
+    local = xp.matmul(xp.matrix_transpose(kh), scaled_v)  # (B, n, M, dv + 1)
+    gates = xp.concat(
+        [xp.zeros((*batch, 1), dtype=dt, device=dev), xp.exp(before - after)], axis=-1
+    )
+    states = linear_scan(xp, gates, xp.concat([state.numerator[..., None, :, :], local], axis=-3))
+    inter = xp.matmul(qc, states[..., :n, :, :])
+    out = out + xp.exp(before[..., None] - c)[..., None] * inter
+    out = xp.reshape(out, (*batch, n * size, vp.shape[-1]))[..., :length, :]
+    return out, CausalState(states[..., n, :, :], prefix[..., n])
+
+
+def _auto_chunk(length: int) -> int:
+    return DEFAULT_CHUNK
+
+
+def _empty_state(
+    xp: Namespace, batch: tuple[int, ...], num_features: int, value_dim: int, dtype: Any, device: Any
+) -> CausalState:
+    numerator = xp.zeros((*batch, num_features, value_dim + 1), dtype=dtype, device=device)
+    log_scale = xp.full(batch, _floor(xp, dtype), dtype=dtype, device=device)
+    return CausalState(numerator, log_scale)
+
+
+def causal_from_parts(
+    xp: Namespace,
+    qparts: FeatureParts,
+    kparts: FeatureParts,
+    v: Array,
+    key_mask: Array | None,
+    state: CausalState | None,
+    batch: tuple[int, ...],
+    chunk_size: int | None,
+) -> tuple[Array, CausalState]:
+    """Broadcast to the full batch, build the state if needed and run the chunked core."""
+    qf = query_features(xp, qparts)
+    length = qf.shape[-2]
+    num_features = qf.shape[-1]
+
+    def full(x: Array | None, tail: int) -> Array | None:
+        if x is None:
+            return None
+        target = (*batch, *x.shape[x.ndim - tail :])
+        return x if tuple(x.shape) == target else xp.broadcast_to(x, target)
+
+    qf = full(qf, 2)
+    lk = full(kparts.log, 2)
+    sk = full(kparts.sign, 2)
+    v = full(v, 2)
+    mask = full(key_mask, 1)
+    if state is None:
+        state = _empty_state(
+            xp, batch, num_features, v.shape[-1], qf.dtype, array_api_compat.device(qf)
+        )
+    else:
+        state = CausalState(full(state.numerator, 2), full(state.log_scale, 0))
+    chunk = chunk_size if chunk_size is not None else _auto_chunk(length)
+    out, new_state = _causal_core(xp, qf, lk, sk, mask, v, state, chunk)
+    return safe_divide(xp, out[..., :-1], out[..., -1:]), new_state
+
+
+def init_causal_state(
+    projection: Array,
+    value_dim: int,
+    *,
+    batch_shape: tuple[int, ...] = (),
+    kernel: KernelLike = "softmax",
+    dtype: Any = None,
+) -> CausalState:
+    """The empty decoding state for :func:`favor_attention_step`.
+
+    Parameters
+    ----------
+    projection : array, shape (m, d)
+        The projection the steps will use (gives the namespace and device).
+    value_dim : int
+        dv, the last dimension of the values.
+    batch_shape : tuple of int
+        Leading dimensions of the state, e.g. ``(batch, heads)``; they broadcast
+        with those of the steps' inputs.
+    kernel : str or callable
+        The kernel the steps will use (it sets the number of features).
+    dtype : optional
+        Dtype of the state; default float32 for float16 / bfloat16 projections,
+        else the projection's dtype. Use the inputs' compute dtype.
+
+    Examples
+    --------
+    >>> from favorplus import draw_projection, init_causal_state
+    >>> st = init_causal_state(draw_projection(32, 8, seed=0), 8, batch_shape=(2, 4))
+    >>> st.numerator.shape, st.log_scale.shape
+    ((2, 4, 32, 9), (2, 4))
+    """
+    from ._backend import check_float, common_namespace, compute_dtype
+
+    xp = common_namespace(projection=projection)
+    check_float(xp, "projection", projection)
+    if projection.ndim != 2:
+        raise ValueError(f"projection must have shape (m, d); got shape {tuple(projection.shape)}")
+    if isinstance(value_dim, bool) or not isinstance(value_dim, numbers.Integral) or value_dim < 1:
+        raise ValueError(f"value_dim must be a positive int; got {value_dim!r}")
+    kern = resolve_kernel(kernel)
+    dt = compute_dtype(xp, projection) if dtype is None else dtype
+    return _empty_state(
+        xp,
+        tuple(int(b) for b in batch_shape),
+        kern.num_features(projection.shape[0]),
+        int(value_dim),
+        dt,
+        array_api_compat.device(projection),
+    )
+
+
+def favor_attention_step(
+    q: Array,
+    k: Array,
+    v: Array,
+    projection: Array | None,
+    state: CausalState | None = None,
+    *,
+    kernel: KernelLike = "softmax",
+    key_mask: Array | None = None,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Array, CausalState]:
+    """Causal FAVOR+ over the next token or block of tokens, given the state of the past.
+
+    Feeding a sequence token by token, or in blocks of any sizes, gives the same
+    outputs (up to float rounding) as one ``favor_attention(..., causal=True)`` call.
+    Each token costs O(m d) per head.
+
+    Parameters
+    ----------
+    q, k : array, shape (..., T, d)
+    v : array, shape (..., T, dv)
+        The next T tokens (T >= 1).
+    projection : array, shape (m, d)
+    state : CausalState or None
+        From :func:`init_causal_state` or a previous step; ``None`` starts afresh.
+    kernel, key_mask, scale, chunk_size
+        As in :func:`favor_attention` (key_mask has shape (..., T)).
+
+    Returns
+    -------
+    out : array, shape (..., T, dv)
+        In v's dtype.
+    state : CausalState
+        The state after these tokens, in the compute dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from favorplus import draw_projection, favor_attention, favor_attention_step
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((10, 4)) for _ in range(3))
+    >>> w = draw_projection(16, 4, seed=0)
+    >>> full = favor_attention(q, k, v, w, causal=True)
+    >>> a, st = favor_attention_step(q[:3], k[:3], v[:3], w)
+    >>> b, st = favor_attention_step(q[3:], k[3:], v[3:], w, st)
+    >>> bool(np.allclose(np.concatenate([a, b]), full))
+    True
+    """
+    chk, qc, kc, vc, w, kern = _prepare(q, k, v, projection, kernel, key_mask, scale, True)
+    xp = chk.xp
+    batch = chk.batch
+    if state is not None:
+        state = _check_state(xp, state, qc, vc, w, kern, batch)
+        batch = broadcast_shapes(
+            batch, state.log_scale.shape, names=["q, k, v and key_mask", "state.log_scale"]
+        )
+    qparts, kparts = _parts(chk, qc, kc, w, kern)
+    out, new_state = causal_from_parts(
+        xp, qparts, kparts, vc, key_mask, state, batch, check_chunk_size(chunk_size)
+    )
+    return xp.astype(out, v.dtype, copy=False), new_state
+
+
+def _check_state(
+    xp: Namespace, state: Any, q: Array, v: Array, w: Array | None, kern: Any, batch: Any
+) -> CausalState:
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise TypeError(
+            f"state must be a CausalState (numerator, log_scale); got {type(state).__name__}"
+        )
+    numerator, log_scale = state
+    from ._backend import common_namespace
+
+    common_namespace(q=q, **{"state.numerator": numerator, "state.log_scale": log_scale})
+    num_features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
+    expected = (num_features, v.shape[-1] + 1)
+    if numerator.ndim < 2 or tuple(numerator.shape[-2:]) != expected:
+        raise ValueError(
+            f"state.numerator must have shape (..., {expected[0]}, {expected[1]}) for this "
+            f"projection, kernel and value dimension; got {tuple(numerator.shape)}"
+        )
+    if tuple(log_scale.shape) != tuple(numerator.shape[:-2]):
+        raise ValueError(
+            f"state.log_scale must have shape {tuple(numerator.shape[:-2])}; "
+            f"got {tuple(log_scale.shape)}"
+        )
+    if numerator.dtype != q.dtype or log_scale.dtype != q.dtype:
+        numerator = xp.astype(numerator, q.dtype)
+        log_scale = xp.astype(log_scale, q.dtype)
+    return CausalState(numerator, log_scale)
+

@@ -1,0 +1,187 @@
+"""Random feature maps phi with E[phi(x) . phi(y)] = exp(x . y) (and generalized kernels).
+
+Every feature map is kept in a factored form ``phi = sign * exp(log)``: ``log`` holds
+the exponents (where overflow happens) and ``sign`` a bounded or polynomial factor
+(``None`` means 1). The attention code stabilizes the ``log`` part with constants that
+cancel exactly; :func:`feature_map` returns the plain, unstabilized phi(x).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Union
+
+from ._backend import Array, Namespace, check_float, common_namespace, compute_dtype
+
+__all__ = ["Kernel", "FeatureParts", "feature_map", "resolve_kernel", "KERNELS"]
+
+KernelLike = Union[str, Callable[[Array], Array]]
+
+KERNELS = ("softmax", "softmax_hyperbolic", "softmax_trig", "relu")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A resolved kernel: its name, whether it estimates softmax, and the map ``f``."""
+
+    name: str
+    softmax: bool
+    func: Callable[[Array], Array] | None = None
+
+    def num_features(self, num_rows: int) -> int:
+        """Number of features produced from ``num_rows`` random rows."""
+        return 2 * num_rows if self.name in ("softmax_hyperbolic", "softmax_trig") else num_rows
+
+
+def resolve_kernel(kernel: KernelLike) -> Kernel:
+    """Check and resolve the ``kernel`` argument."""
+    if callable(kernel):
+        return Kernel(getattr(kernel, "__name__", "custom"), softmax=False, func=kernel)
+    if isinstance(kernel, str) and kernel in KERNELS:
+        return Kernel(kernel, softmax=kernel != "relu")
+    raise ValueError(
+        f"kernel must be one of {KERNELS} or a callable applied elementwise to the "
+        f"projections (generalized attention); got {kernel!r}"
+    )
+
+
+@dataclass(frozen=True)
+class FeatureParts:
+    """phi = sign * exp(log); ``None`` stands for 1 (sign) or 0 (log).
+
+    ``log`` has shape ``(..., L, M)`` or ``(..., L, 1)`` (one exponent shared by all
+    features of a row).
+    """
+
+    sign: Array | None
+    log: Array | None
+
+
+def feature_parts(
+    xp: Namespace,
+    x: Array,
+    projection: Array | None,
+    kernel: Kernel,
+    scale: float,
+    *,
+    row_constants: bool,
+) -> FeatureParts:
+    """Factored features of ``x`` (shape ``(..., L, d)``), in ``x``'s dtype.
+
+    ``scale`` multiplies the kernel's inner product: features of ``sqrt(scale) x``.
+    With ``row_constants=False`` the terms of ``log`` that are the same for every
+    feature of a row, and the global normalisation, are left out (they cancel in
+    the attention ratio for queries); the result then is phi up to a per-row factor.
+    """
+    root = math.sqrt(scale)
+    if projection is None:
+        # Deterministic generalized attention: phi(x) = f(sqrt(scale) x).
+        u = x * root
+        num_rows = x.shape[-1]
+    else:
+        num_rows = projection.shape[0]
+        u = xp.matmul(x, xp.matrix_transpose(projection * root))
+    if not kernel.softmax:
+        f = kernel.func if kernel.func is not None else _relu(xp)
+        sign = f(u)
+        if row_constants:
+            sign = sign / math.sqrt(num_rows)
+        return FeatureParts(sign=sign, log=None)
+
+    half_sq_norm = None
+    if row_constants:
+        half_sq_norm = (0.5 * scale) * xp.sum(x * x, axis=-1, keepdims=True)
+    if kernel.name == "softmax":
+        log = u
+        if row_constants:
+            log = log - (half_sq_norm + 0.5 * math.log(num_rows))
+        return FeatureParts(sign=None, log=log)
+    if kernel.name == "softmax_hyperbolic":
+        log = xp.concat([u, -u], axis=-1)
+        if row_constants:
+            log = log - (half_sq_norm + 0.5 * math.log(2 * num_rows))
+        return FeatureParts(sign=None, log=log)
+    # softmax_trig: m^-1/2 exp(|x|^2 / 2) [cos(Wx), sin(Wx)]
+    sign = xp.concat([xp.cos(u), xp.sin(u)], axis=-1)
+    log = None
+    if row_constants:
+        log = half_sq_norm - 0.5 * math.log(num_rows)
+    return FeatureParts(sign=sign, log=log)
+
+
+def _relu(xp: Namespace) -> Callable[[Array], Array]:
+    def relu(u: Array) -> Array:
+        return xp.maximum(u, xp.zeros_like(u))
+
+    return relu
+
+
+def assemble(xp: Namespace, parts: FeatureParts, like: Array) -> Array:
+    """phi = sign * exp(log), with no stabilization."""
+    if parts.log is None:
+        assert parts.sign is not None
+        return parts.sign
+    values = xp.exp(parts.log)
+    return values if parts.sign is None else parts.sign * values
+
+
+def feature_map(
+    x: Array,
+    projection: Array | None,
+    *,
+    kernel: KernelLike = "softmax",
+    scale: float | None = None,
+) -> Array:
+    """The random features phi(x) of a kernel, unstabilized.
+
+    For the softmax kernels, ``feature_map(q, W) @ feature_map(k, W).T`` is an
+    estimate of ``exp(scale * q @ k.T)`` (unbiased with iid or chi-norm
+    orthogonal ``W``). The exponentials are returned as they are: for large
+    ``scale * |x|**2`` they overflow, which the attention functions avoid with
+    stabilizers that cancel. Computed in float32 for float16 and bfloat16 inputs
+    and returned in the input's dtype.
+
+    Parameters
+    ----------
+    x : array, shape (..., L, d)
+        Queries or keys.
+    projection : array, shape (m, d), or None
+        Random matrix from :func:`favorplus.draw_projection`. ``None`` only for
+        generalized kernels, giving the deterministic map ``f(sqrt(scale) x)``.
+    kernel : str or callable
+        ``"softmax"`` (positive features, m of them), ``"softmax_hyperbolic"``
+        (2m), ``"softmax_trig"`` (2m), ``"relu"`` or an elementwise callable
+        ``f`` for generalized attention ``f(W x) / sqrt(m)``.
+    scale : float, optional
+        Scale of the inner product, default ``1 / sqrt(d)``.
+
+    Returns
+    -------
+    array, shape (..., L, M)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from favorplus import draw_projection, feature_map
+    >>> x = np.array([[0.3, -0.2, 0.1, 0.4]])
+    >>> w = draw_projection(4096, 4, seed=0)
+    >>> est = (feature_map(x, w) @ feature_map(x, w).T)[0, 0]
+    >>> bool(abs(est - np.exp(0.5 * float(x[0] @ x[0]))) < 0.02)
+    True
+    """
+    from ._validation import check_projection, check_scale
+
+    kern = resolve_kernel(kernel)
+    xp = common_namespace(x=x, projection=projection)
+    check_float(xp, "x", x)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape (..., L, d); got shape {tuple(x.shape)}")
+    check_projection(xp, projection, x.shape[-1], kern)
+    sc = check_scale(scale, x.shape[-1])
+    dtype = compute_dtype(xp, x)
+    xc = xp.astype(x, dtype, copy=False)
+    w = None if projection is None else xp.astype(projection, dtype, copy=False)
+    parts = feature_parts(xp, xc, w, kern, sc, row_constants=True)
+    return xp.astype(assemble(xp, parts, xc), x.dtype, copy=False)
