@@ -1,7 +1,7 @@
 """Namespace, device and dtype helpers shared by the core modules.
 
 Everything here is array API only, except :func:`stop_gradient` and
-:func:`linear_scan`, which use an optional backend fast path chosen at call time
+:func:`chunk_scan`, which use an optional backend fast path chosen at call time
 (no backend is imported when favorplus is imported).
 """
 
@@ -22,7 +22,7 @@ __all__ = [
     "common_namespace",
     "compute_dtype",
     "describe",
-    "linear_scan",
+    "chunk_scan",
     "stop_gradient",
 ]
 
@@ -129,32 +129,119 @@ def stop_gradient(x: Array) -> Array:
     return x
 
 
-def linear_scan(xp: Namespace, a: Array, x: Array) -> Array:
-    """Inclusive scan ``r_n = a_n * r_{n-1} + x_n`` along axis -3.
+def chunk_scan(
+    xp: Namespace, gates: Array, keys: Array, values: Array, queries: Array, state: Array
+) -> tuple[Array, Array]:
+    """The state recurrence of chunked causal linear attention.
 
-    ``a`` has shape ``(..., N)`` and ``x`` shape ``(..., N, P, Q)``; ``r_{-1} = 0``.
-    The generic path is a loop over the N chunks of small elementwise operations
-    (N is the number of chunks, not of tokens). For JAX arrays the same
-    recurrence runs in ``jax.lax.scan`` so that the traced program, and so the
-    compile time under ``jax.jit``, does not grow with N.
+    For chunk n (of N, along axis -3 of ``keys``, ``values`` and ``queries``)::
+
+        out_n = queries_n @ S_n
+        S_{n+1} = gates_n * S_n + keys_n^T @ values_n,    S_0 = state
+
+    with ``gates`` of shape (..., N), ``keys`` (..., N, C, M), ``values``
+    (..., N, C, P), ``queries`` (..., N, C, M) and ``state`` (..., M, P). Returns
+    the outputs (..., N, C, P) and the final state. N is the number of chunks, not
+    of tokens. The generic path loops over the chunks; for JAX arrays the same body
+    runs in ``jax.lax.scan``, so the traced program (and compile time under
+    ``jax.jit``) does not grow with N.
     """
-    n = x.shape[-3]
-    if array_api_compat.is_jax_array(x):
+    if array_api_compat.is_jax_array(keys):
         import jax
         import jax.numpy as jnp
 
-        def body(carry: Array, inputs: tuple[Array, Array]) -> tuple[Array, Array]:
-            an, xn = inputs
-            new = an[..., None, None] * carry + xn
-            return new, new
+        def body(s: Array, xs: tuple[Array, Array, Array, Array]) -> tuple[Array, Array]:
+            g, k, v, q = xs
+            out = jnp.matmul(q, s)
+            return g[..., None, None] * s + jnp.matmul(jnp.swapaxes(k, -1, -2), v), out
 
-        a_t = jnp.moveaxis(a, -1, 0)
-        x_t = jnp.moveaxis(x, -3, 0)
-        _, out = jax.lax.scan(body, jnp.zeros_like(x_t[0]), (a_t, x_t))
-        return jnp.moveaxis(out, 0, -3)
-    s = x[..., 0, :, :]
-    outs = [s]
-    for i in range(1, n):
-        s = a[..., i, None, None] * s + x[..., i, :, :]
-        outs.append(s)
-    return xp.stack(outs, axis=-3)
+        xs = (
+            jnp.moveaxis(gates, -1, 0),
+            jnp.moveaxis(keys, -3, 0),
+            jnp.moveaxis(values, -3, 0),
+            jnp.moveaxis(queries, -3, 0),
+        )
+        final, outs = jax.lax.scan(body, state, xs)
+        return jnp.moveaxis(outs, 0, -3), final
+    outs = []
+    s = state
+    owned = False
+    for n in range(keys.shape[-3]):
+        outs.append(xp.matmul(queries[..., n, :, :], s))
+        update = xp.matmul(xp.matrix_transpose(keys[..., n, :, :]), values[..., n, :, :])
+        # S is a temporary of ours after the first chunk: update it in place if allowed.
+        s = add(xp, multiply(xp, s, gates[..., n, None, None], owned=owned), update, owned=True)
+        owned = True
+    return xp.stack(outs, axis=-3), s
+
+
+# --- In-place fast path -------------------------------------------------------------
+# Big (L x m) temporaries dominate the run time on CPU: each new one costs page faults.
+# Where the array is a temporary that favorplus itself created, and the backend allows
+# mutation without autodiff consequences (NumPy; PyTorch tensors that need no grad),
+# elementwise steps run in place. The results are bit-for-bit those of the generic
+# expressions, which every other backend (JAX, CuPy, array-api-strict) runs.
+
+
+def _fits(x: Array, y: Array | float) -> bool:
+    """True when ``x op y`` has x's shape (y broadcasts into x)."""
+    shape = getattr(y, "shape", ())
+    if len(shape) > x.ndim:
+        return False
+    return all(b in (1, a) for a, b in zip(reversed(x.shape), reversed(shape)))
+
+
+def _mutable(x: Array) -> str | None:
+    if array_api_compat.is_numpy_array(x):
+        return "numpy" if x.flags.writeable and x.flags.c_contiguous else None
+    if array_api_compat.is_torch_array(x):
+        return "torch" if not x.requires_grad and x.is_contiguous() else None
+    return None
+
+
+def subtract(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
+    """``x - y``; in place when ``owned`` says x is a temporary of ours."""
+    kind = _mutable(x) if owned and _fits(x, y) else None
+    if kind == "torch":
+        return x.sub_(y)
+    if kind == "numpy":
+        import numpy as np
+
+        return np.subtract(x, y, out=x)
+    return x - y
+
+
+def add(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
+    """``x + y``; in place when ``owned`` says x is a temporary of ours."""
+    kind = _mutable(x) if owned and _fits(x, y) else None
+    if kind == "torch":
+        return x.add_(y)
+    if kind == "numpy":
+        import numpy as np
+
+        return np.add(x, y, out=x)
+    return x + y
+
+
+def multiply(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
+    """``x * y``; in place when ``owned`` says x is a temporary of ours."""
+    kind = _mutable(x) if owned and _fits(x, y) else None
+    if kind == "torch":
+        return x.mul_(y)
+    if kind == "numpy":
+        import numpy as np
+
+        return np.multiply(x, y, out=x)
+    return x * y
+
+
+def exp(xp: Namespace, x: Array, *, owned: bool) -> Array:
+    """``exp(x)``; in place when ``owned`` says x is a temporary of ours."""
+    kind = _mutable(x) if owned else None
+    if kind == "torch":
+        return x.exp_()
+    if kind == "numpy":
+        import numpy as np
+
+        return np.exp(x, out=x)
+    return xp.exp(x)

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from ._backend import Array, Namespace, stop_gradient
+from ._backend import Array, Namespace, add, exp, stop_gradient, subtract
 from .features import FeatureParts
 
 NEG_INF = float("-inf")
@@ -21,14 +21,15 @@ NEG_INF = float("-inf")
 def query_features(xp: Namespace, parts: FeatureParts, shift: Array | None = None) -> Array:
     """Query features stabilized by their row maximum; ``shift`` is added to the log part."""
     log = parts.log
+    owned = log is not None
     if shift is not None and shift.shape[-1] > 1:
-        log = shift if log is None else log + shift
+        log = shift if log is None else add(xp, log, shift, owned=True)
     if log is None or log.shape[-1] == 1:
         # A constant per row cancels in the ratio: nothing to exponentiate.
         assert parts.sign is not None
         return parts.sign
     top = stop_gradient(xp.max(log, axis=-1, keepdims=True))
-    values = xp.exp(log - top)
+    values = exp(xp, subtract(xp, log, top, owned=owned), owned=True)
     return values if parts.sign is None else parts.sign * values
 
 
@@ -46,7 +47,7 @@ def bidirectional_features(
         masked = lk if mask is None else xp.where(mask, lk, NEG_INF)
         top = xp.max(masked, axis=-2, keepdims=True)
         top = stop_gradient(xp.where(xp.isfinite(top), top, 0.0))
-        kf = xp.exp(masked - top)
+        kf = exp(xp, subtract(xp, masked, top, owned=True), owned=True)
         if kparts.sign is not None:
             kf = kparts.sign * kf
         shift = top

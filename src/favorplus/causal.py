@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from ._backend import Array, Namespace, broadcast_shapes, linear_scan, stop_gradient
+from ._backend import Array, Namespace, broadcast_shapes, chunk_scan, exp, stop_gradient, subtract
 from ._stabilize import NEG_INF, query_features
 from .attention import _parts, _prepare, safe_divide
 from .features import FeatureParts, KernelLike, resolve_kernel
@@ -132,10 +132,10 @@ def _causal_core(
     before = prefix[..., :n]
     c = xp.maximum(cin, before[..., None])  # (B, n, C): running max at each token
 
-    arg = lc - c[..., None]
+    arg = subtract(xp, lc, c[..., None], owned=True)
     if mc is not None:
         arg = xp.where(mc[..., None], arg, NEG_INF)
-    kh = xp.exp(arg)
+    kh = exp(xp, arg, owned=True)
     if sc is not None:
         kh = sc * kh
 
@@ -148,15 +148,10 @@ def _causal_core(
 
     after = prefix[..., 1:]
     scaled_v = vc * xp.exp(c - after[..., None])[..., None]
-    local = xp.matmul(xp.matrix_transpose(kh), scaled_v)  # (B, n, M, dv + 1)
-    gates = xp.concat(
-        [xp.zeros((*batch, 1), dtype=dt, device=dev), xp.exp(before - after)], axis=-1
-    )
-    states = linear_scan(xp, gates, xp.concat([state.numerator[..., None, :, :], local], axis=-3))
-    inter = xp.matmul(qc, states[..., :n, :, :])
+    inter, final = chunk_scan(xp, xp.exp(before - after), kh, scaled_v, qc, state.numerator)
     out = out + xp.exp(before[..., None] - c)[..., None] * inter
     out = xp.reshape(out, (*batch, n * size, vp.shape[-1]))[..., :length, :]
-    return out, CausalState(states[..., n, :, :], prefix[..., n])
+    return out, CausalState(final, prefix[..., n])
 
 
 def _auto_chunk(length: int) -> int:

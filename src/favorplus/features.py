@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
 
-from ._backend import Array, Namespace, check_float, common_namespace, compute_dtype
+from ._backend import Array, Namespace, check_float, common_namespace, compute_dtype, subtract
 
 __all__ = ["Kernel", "FeatureParts", "feature_map", "resolve_kernel", "KERNELS"]
 
@@ -96,12 +96,12 @@ def feature_parts(
     if kernel.name == "softmax":
         log = u
         if row_constants:
-            log = log - (half_sq_norm + 0.5 * math.log(num_rows))
+            log = subtract(xp, log, half_sq_norm + 0.5 * math.log(num_rows), owned=True)
         return FeatureParts(sign=None, log=log)
     if kernel.name == "softmax_hyperbolic":
         log = xp.concat([u, -u], axis=-1)
         if row_constants:
-            log = log - (half_sq_norm + 0.5 * math.log(2 * num_rows))
+            log = subtract(xp, log, half_sq_norm + 0.5 * math.log(2 * num_rows), owned=True)
         return FeatureParts(sign=None, log=log)
     # softmax_trig: m^-1/2 exp(|x|^2 / 2) [cos(Wx), sin(Wx)]
     sign = xp.concat([xp.cos(u), xp.sin(u)], axis=-1)
