@@ -19,12 +19,15 @@ NEG_INF = float("-inf")
 
 
 def query_features(xp: Namespace, parts: FeatureParts, shift: Array | None = None) -> Array:
-    """Query features stabilized by their row maximum; ``shift`` is added to the log part."""
+    """Query features stabilized by their row maximum; ``shift`` (per feature) is added first."""
     log = parts.log
-    owned = log is not None
-    if shift is not None and shift.shape[-1] > 1:
-        log = shift if log is None else add(xp, log, shift, owned=True)
-    if log is None or log.shape[-1] == 1:
+    owned = log is not None and not parts.shared
+    if shift is not None:
+        log = shift if log is None else add(xp, log, shift, owned=owned)
+        owned = True
+    elif parts.shared:
+        log = None
+    if log is None:
         # A constant per row cancels in the ratio: nothing to exponentiate.
         assert parts.sign is not None
         return parts.sign
@@ -50,5 +53,6 @@ def bidirectional_features(
         kf = exp(xp, subtract(xp, masked, top, owned=True), owned=True)
         if kparts.sign is not None:
             kf = kparts.sign * kf
-        shift = top
+        # A per-feature constant goes back on the query side; a shared one cancels.
+        shift = None if kparts.shared else top
     return query_features(xp, qparts, shift), kf

@@ -51,12 +51,13 @@ def resolve_kernel(kernel: KernelLike) -> Kernel:
 class FeatureParts:
     """phi = sign * exp(log); ``None`` stands for 1 (sign) or 0 (log).
 
-    ``log`` has shape ``(..., L, M)`` or ``(..., L, 1)`` (one exponent shared by all
-    features of a row).
+    ``log`` has shape ``(..., L, M)``, or ``(..., L, 1)`` when ``shared``: one
+    exponent for all features of a row.
     """
 
     sign: Array | None
     log: Array | None
+    shared: bool = False
 
 
 def feature_parts(
@@ -108,7 +109,7 @@ def feature_parts(
     log = None
     if row_constants:
         log = half_sq_norm - 0.5 * math.log(num_rows)
-    return FeatureParts(sign=sign, log=log)
+    return FeatureParts(sign=sign, log=log, shared=True)
 
 
 def _relu(xp: Namespace) -> Callable[[Array], Array]:

@@ -1,0 +1,156 @@
+"""One ``xp`` fixture over every backend and device that this machine has.
+
+Backends: numpy, array-api-strict, torch (CPU, and CUDA where a GPU is present),
+jax (CPU, and GPU where present), cupy (GPU only). A backend that is not installed,
+or a device that is missing, is skipped cleanly, so each nox session proves the
+suite on the backends it installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis: no deadlines (shared, noisy machines); a deterministic profile for CI.
+# Hypothesis loads its own "ci" profile when CI is set; ours replaces it.
+_common = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", derandomize=True, database=None, max_examples=20, **_common)
+settings.register_profile("dev", max_examples=20, **_common)
+settings.register_profile("thorough", max_examples=200, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+if _has("jax"):
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+@dataclass
+class Backend:
+    """A backend under test: its namespace, device and conversions from/to NumPy."""
+
+    name: str
+    xp: Any
+    device: Any
+    module: Any
+    dtypes: dict[str, Any] = field(default_factory=dict)
+
+    def dtype(self, name: str) -> Any:
+        if name not in self.dtypes:
+            pytest.skip(f"{self.name} has no {name}")
+        return self.dtypes[name]
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        a = np.asarray(a)
+        if dtype is None:
+            dtype = "bool" if a.dtype == np.bool_ else "float64"
+        dt = self.xp.bool if dtype == "bool" else self.dtype(dtype)
+        if self.name.startswith("torch") and dtype in ("bfloat16",):
+            return self.module.asarray(a.astype(np.float32), device=self.device).to(dt)
+        return self.xp.asarray(a, dtype=dt, device=self.device)
+
+    def numpy(self, x: Any) -> np.ndarray:
+        """To a float64 (or bool) NumPy array on the host."""
+        if self.name.startswith("torch"):
+            x = x.detach().cpu()
+            if x.dtype != self.module.bool:
+                x = x.double()
+            return x.numpy()
+        if self.name == "cupy":
+            return x.get().astype(np.float64) if x.dtype != bool else x.get()
+        out = np.from_dlpack(x) if self.name == "array_api_strict" else np.asarray(x)
+        return out if out.dtype == np.bool_ else out.astype(np.float64)
+
+    @property
+    def supports_half(self) -> bool:
+        return "float16" in self.dtypes
+
+
+def _make(name: str) -> Backend:
+    from array_api_compat import array_namespace
+
+    if name == "numpy":
+        xp = array_namespace(np.empty(0))
+        return Backend(name, xp, "cpu", np, _dtypes(xp, ("float16", "float32", "float64")))
+    if name == "array_api_strict":
+        if not _has("array_api_strict"):
+            pytest.skip("array-api-strict is not installed")
+        import array_api_strict as xps
+
+        return Backend(name, xps, xps.Device("CPU_DEVICE"), xps, _dtypes(xps, ("float32", "float64")))
+    if name.startswith("torch"):
+        if not _has("torch"):
+            pytest.skip("torch is not installed")
+        import torch
+
+        device = "cuda" if name == "torch-cuda" else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA GPU for torch")
+        xp = array_namespace(torch.empty(0))
+        names = ("float16", "bfloat16", "float32", "float64")
+        return Backend(name, xp, torch.device(device), torch, _dtypes(torch, names))
+    if name.startswith("jax"):
+        if not _has("jax"):
+            pytest.skip("jax is not installed")
+        import jax
+        import jax.numpy as jnp
+
+        if name == "jax-gpu":
+            try:
+                device = jax.devices("gpu")[0]
+            except RuntimeError:
+                pytest.skip("no GPU for jax")
+        else:
+            device = jax.devices("cpu")[0]
+        names = ("float16", "bfloat16", "float32", "float64")
+        return Backend(name, jnp, device, jax, _dtypes(jnp, names))
+    if name == "cupy":
+        if not _has("cupy"):
+            pytest.skip("cupy is not installed")
+        import cupy
+
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                pytest.skip("no GPU for cupy")
+        except Exception:
+            pytest.skip("no GPU for cupy")
+        xp = array_namespace(cupy.empty(0))
+        return Backend(name, xp, cupy.cuda.Device(0), cupy,
+                       _dtypes(cupy, ("float16", "float32", "float64")))
+    raise ValueError(name)
+
+
+def _dtypes(ns: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(ns, n) for n in names if hasattr(ns, n)}
+
+
+BACKENDS = ["numpy", "array_api_strict", "torch", "torch-cuda", "jax", "jax-gpu", "cupy"]
+_cache: dict[str, Backend] = {}
+
+
+@pytest.fixture(params=BACKENDS, scope="session")
+def xp(request: pytest.FixtureRequest) -> Backend:
+    """The backend under test (named ``xp`` as in the array API convention)."""
+    name = request.param
+    if name not in _cache:
+        _cache[name] = _make(name)
+    return _cache[name]
+
+
+@pytest.fixture(scope="session")
+def numpy_backend() -> Backend:
+    return _make("numpy")
