@@ -59,7 +59,11 @@ def common_namespace(**arrays: Array | None) -> Namespace:
         parts = ", ".join(f"{k}: {type(named[k]).__module__}.{type(named[k]).__name__}" for k in named)
         raise TypeError(f"all arrays must come from the same array library; got {parts}")
     xp = next(iter(spaces.values()))
+    # Under tracing (jax.jit, vmap, grad) an array's device may be unknown (None): skip it.
     devices = {name: array_api_compat.device(value) for name, value in named.items()}
+    devices = {name: dev for name, dev in devices.items() if dev is not None}
+    if not devices:
+        return xp
     first_name, first_dev = next(iter(devices.items()))
     for name, dev in devices.items():
         if dev != first_dev:
@@ -96,7 +100,7 @@ def compute_dtype(xp: Namespace, *xs: Array) -> Any:
 
 def broadcast_shapes(*shapes: Sequence[int], names: Sequence[str]) -> tuple[int, ...]:
     """Broadcast leading (batch) shapes, naming the arguments on failure."""
-    ndim = max((len(s) for s in shapes), default=0)
+    ndim = max([0, *(len(s) for s in shapes)])
     out = []
     for axis in range(-ndim, 0):
         size = 1
@@ -129,6 +133,13 @@ def stop_gradient(x: Array) -> Array:
     return x
 
 
+def _is_traced(x: Array) -> bool:
+    """True for a JAX tracer (inside jit, grad, vmap, scan): eager arrays loop in Python."""
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
 def chunk_scan(
     xp: Namespace, gates: Array, keys: Array, values: Array, queries: Array, state: Array
 ) -> tuple[Array, Array]:
@@ -142,11 +153,11 @@ def chunk_scan(
     with ``gates`` of shape (..., N), ``keys`` (..., N, C, M), ``values``
     (..., N, C, P), ``queries`` (..., N, C, M) and ``state`` (..., M, P). Returns
     the outputs (..., N, C, P) and the final state. N is the number of chunks, not
-    of tokens. The generic path loops over the chunks; for JAX arrays the same body
-    runs in ``jax.lax.scan``, so the traced program (and compile time under
-    ``jax.jit``) does not grow with N.
+    of tokens. The generic path loops over the chunks; for traced JAX arrays (under
+    ``jax.jit``, ``grad``, ``vmap``) the same body runs in ``jax.lax.scan``, so the
+    traced program, and the compile time, does not grow with N.
     """
-    if array_api_compat.is_jax_array(keys):
+    if array_api_compat.is_jax_array(keys) and _is_traced(keys):
         import jax
         import jax.numpy as jnp
 
@@ -245,3 +256,29 @@ def exp(xp: Namespace, x: Array, *, owned: bool) -> Array:
 
         return np.exp(x, out=x)
     return xp.exp(x)
+
+
+# --- JAX: compile eager calls ------------------------------------------------------------
+_JITTED: dict[Any, Any] = {}
+
+
+def call_core(fn: Any, arrays: tuple[Any, ...], statics: tuple[Any, ...]) -> Any:
+    """``fn(*arrays, *statics)``; for eager (untraced) JAX arrays, as one ``jax.jit`` program.
+
+    Op-by-op JAX dispatch compiles every primitive for every new shape; one compiled
+    program per call signature is several times faster to compile and to run. Inside
+    the caller's own jit, grad or vmap the function is simply traced.
+    """
+    present = [a for a in arrays if a is not None]
+    if present and array_api_compat.is_jax_array(present[0]) and not any(
+        _is_traced(a) for a in present
+    ):
+        jitted = _JITTED.get(fn)
+        if jitted is None:
+            import jax
+
+            first = len(arrays)
+            jitted = jax.jit(fn, static_argnums=tuple(range(first, first + len(statics))))
+            _JITTED[fn] = jitted
+        return jitted(*arrays, *statics)
+    return fn(*arrays, *statics)

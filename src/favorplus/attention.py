@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._backend import Array, Namespace
+from ._backend import Array, Namespace, call_core
 from ._stabilize import bidirectional_features
-from ._validation import Checked, check_attention_inputs
-from .features import FeatureParts, KernelLike, feature_parts, resolve_kernel
+from ._validation import check_attention_inputs
+from .features import FeatureParts, Kernel, KernelLike, feature_parts, resolve_kernel
 
 __all__ = ["favor_attention", "favor_attention_matrix", "softmax_attention"]
 
@@ -25,35 +25,55 @@ def safe_divide(xp: Namespace, num: Array, den: Array) -> Array:
     return xp.where(zero, 0.0, num / xp.where(zero, 1.0, den))
 
 
-def _prepare(
+def _cast_inputs(
+    xp: Namespace,
+    dtype: Any,
     q: Array,
     k: Array,
     v: Array,
     projection: Array | None,
-    kernel: KernelLike,
     key_mask: Array | None,
-    scale: float | None,
-    causal: bool,
-) -> tuple[Checked, Array, Array, Array, Array | None, Any]:
-    kern = resolve_kernel(kernel)
-    chk = check_attention_inputs(
-        q, k, v, key_mask, scale, projection=projection, kernel=kern, causal=causal
-    )
-    xp, dt = chk.xp, chk.dtype
-    qc = xp.astype(q, dt, copy=False)
-    kc = _apply_key_mask(xp, xp.astype(k, dt, copy=False), key_mask)
-    vc = _apply_key_mask(xp, xp.astype(v, dt, copy=False), key_mask)
-    w = None if projection is None else xp.astype(projection, dt, copy=False)
-    return chk, qc, kc, vc, w, kern
+) -> tuple[Array, Array, Array, Array | None]:
+    """Inputs in the compute dtype; masked keys and values zeroed."""
+    qc = xp.astype(q, dtype, copy=False)
+    kc = _apply_key_mask(xp, xp.astype(k, dtype, copy=False), key_mask)
+    vc = _apply_key_mask(xp, xp.astype(v, dtype, copy=False), key_mask)
+    w = None if projection is None else xp.astype(projection, dtype, copy=False)
+    return qc, kc, vc, w
 
 
 def _parts(
-    chk: Checked, qc: Array, kc: Array, w: Array | None, kern: Any
+    xp: Namespace, scale: float, qc: Array, kc: Array, w: Array | None, kern: Kernel
 ) -> tuple[FeatureParts, FeatureParts]:
-    xp = chk.xp
-    qparts = feature_parts(xp, qc, w, kern, chk.scale, row_constants=False)
-    kparts = feature_parts(xp, kc, w, kern, chk.scale, row_constants=True)
+    qparts = feature_parts(xp, qc, w, kern, scale, row_constants=False)
+    kparts = feature_parts(xp, kc, w, kern, scale, row_constants=True)
     return qparts, kparts
+
+
+def _favor_core(
+    q: Array,
+    k: Array,
+    v: Array,
+    projection: Array | None,
+    key_mask: Array | None,
+    xp: Namespace,
+    kern: Kernel,
+    scale: float,
+    dtype: Any,
+    causal: bool,
+    chunk: int | None,
+    batch: tuple[int, ...],
+) -> Array:
+    qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
+    qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
+    if causal:
+        from .causal import causal_from_parts
+
+        out, _ = causal_from_parts(xp, qparts, kparts, vc, key_mask, None, batch, chunk)
+    else:
+        qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
+        out = _linear_attention(xp, qf, kf, vc)
+    return xp.astype(out, v.dtype, copy=False)
 
 
 def favor_attention(
@@ -119,20 +139,15 @@ def favor_attention(
     >>> bool(np.linalg.norm(out - exact) / np.linalg.norm(exact) < 0.05)
     True
     """
-    chk, qc, kc, vc, w, kern = _prepare(q, k, v, projection, kernel, key_mask, scale, causal)
-    xp = chk.xp
-    if causal:
-        from .causal import causal_from_parts, check_chunk_size
+    from .causal import check_chunk_size
 
-        qparts, kparts = _parts(chk, qc, kc, w, kern)
-        out, _ = causal_from_parts(
-            xp, qparts, kparts, vc, key_mask, None, chk.batch, check_chunk_size(chunk_size)
-        )
-    else:
-        qparts, kparts = _parts(chk, qc, kc, w, kern)
-        qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
-        out = _linear_attention(xp, qf, kf, vc)
-    return xp.astype(out, v.dtype, copy=False)
+    kern = resolve_kernel(kernel)
+    chk = check_attention_inputs(
+        q, k, v, key_mask, scale, projection=projection, kernel=kern, causal=causal
+    )
+    statics = (chk.xp, kern, chk.scale, chk.dtype, bool(causal), check_chunk_size(chunk_size),
+               chk.batch)
+    return call_core(_favor_core, (q, k, v, projection, key_mask), statics)
 
 
 def _linear_attention(xp: Namespace, qf: Array, kf: Array, v: Array) -> Array:
@@ -175,9 +190,13 @@ def favor_attention_matrix(
     >>> bool(np.allclose(a.sum(-1), 1.0)), bool(np.all(np.triu(a, 1) == 0))
     (True, True)
     """
-    chk, qc, kc, _, w, kern = _prepare(q, k, k, projection, kernel, key_mask, scale, causal)
+    kern = resolve_kernel(kernel)
+    chk = check_attention_inputs(
+        q, k, k, key_mask, scale, projection=projection, kernel=kern, causal=causal
+    )
     xp = chk.xp
-    qparts, kparts = _parts(chk, qc, kc, w, kern)
+    qc, kc, _, w = _cast_inputs(xp, chk.dtype, q, k, k, projection, key_mask)
+    qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern)
     qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
     scores = xp.matmul(qf, xp.matrix_transpose(kf))
     if causal:
@@ -218,11 +237,16 @@ def softmax_attention(
     array([2., 3., 4., 5.])
     """
     chk = check_attention_inputs(q, k, v, key_mask, scale, causal=causal)
-    xp, dt = chk.xp, chk.dtype
-    qc = xp.astype(q, dt, copy=False)
-    kc = _apply_key_mask(xp, xp.astype(k, dt, copy=False), key_mask)
-    vc = _apply_key_mask(xp, xp.astype(v, dt, copy=False), key_mask)
-    scores = xp.matmul(qc, xp.matrix_transpose(kc)) * chk.scale
+    statics = (chk.xp, chk.scale, chk.dtype, bool(causal))
+    return call_core(_softmax_core, (q, k, v, key_mask), statics)
+
+
+def _softmax_core(
+    q: Array, k: Array, v: Array, key_mask: Array | None,
+    xp: Namespace, scale: float, dtype: Any, causal: bool,
+) -> Array:
+    qc, kc, vc, _ = _cast_inputs(xp, dtype, q, k, v, None, key_mask)
+    scores = xp.matmul(qc, xp.matrix_transpose(kc)) * scale
     allowed = None if key_mask is None else key_mask[..., None, :]
     if causal:
         tri = _tril(xp, scores.shape[-2], scores.shape[-1], scores)

@@ -21,9 +21,18 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from ._backend import Array, Namespace, broadcast_shapes, chunk_scan, exp, stop_gradient, subtract
+from ._backend import (
+    Array,
+    Namespace,
+    broadcast_shapes,
+    call_core,
+    chunk_scan,
+    exp,
+    stop_gradient,
+    subtract,
+)
 from ._stabilize import NEG_INF, query_features
-from .attention import _parts, _prepare, safe_divide
+from .attention import _cast_inputs, _parts, safe_divide
 from .features import FeatureParts, KernelLike, resolve_kernel
 
 __all__ = ["CausalState", "favor_attention_step", "init_causal_state"]
@@ -304,23 +313,45 @@ def favor_attention_step(
     >>> bool(np.allclose(np.concatenate([a, b]), full))
     True
     """
-    chk, qc, kc, vc, w, kern = _prepare(q, k, v, projection, kernel, key_mask, scale, True)
+    from ._validation import check_attention_inputs
+
+    kern = resolve_kernel(kernel)
+    chk = check_attention_inputs(
+        q, k, v, key_mask, scale, projection=projection, kernel=kern, causal=True
+    )
     xp = chk.xp
     batch = chk.batch
     if state is not None:
-        state = _check_state(xp, state, qc, vc, w, kern, batch)
+        state = _check_state(xp, state, q, v, projection, kern, chk.dtype)
         batch = broadcast_shapes(
             batch, state.log_scale.shape, names=["q, k, v and key_mask", "state.log_scale"]
         )
-    qparts, kparts = _parts(chk, qc, kc, w, kern)
-    out, new_state = causal_from_parts(
-        xp, qparts, kparts, vc, key_mask, state, batch, check_chunk_size(chunk_size)
-    )
+    statics = (xp, kern, chk.scale, chk.dtype, check_chunk_size(chunk_size), batch)
+    return call_core(_step_core, (q, k, v, projection, key_mask, state), statics)
+
+
+def _step_core(
+    q: Array,
+    k: Array,
+    v: Array,
+    projection: Array | None,
+    key_mask: Array | None,
+    state: CausalState | None,
+    xp: Namespace,
+    kern: Any,
+    scale: float,
+    dtype: Any,
+    chunk: int | None,
+    batch: tuple[int, ...],
+) -> tuple[Array, CausalState]:
+    qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
+    qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
+    out, new_state = causal_from_parts(xp, qparts, kparts, vc, key_mask, state, batch, chunk)
     return xp.astype(out, v.dtype, copy=False), new_state
 
 
 def _check_state(
-    xp: Namespace, state: Any, q: Array, v: Array, w: Array | None, kern: Any, batch: Any
+    xp: Namespace, state: Any, q: Array, v: Array, w: Array | None, kern: Any, dtype: Any
 ) -> CausalState:
     if not (isinstance(state, tuple) and len(state) == 2):
         raise TypeError(
@@ -342,8 +373,8 @@ def _check_state(
             f"state.log_scale must have shape {tuple(numerator.shape[:-2])}; "
             f"got {tuple(log_scale.shape)}"
         )
-    if numerator.dtype != q.dtype or log_scale.dtype != q.dtype:
-        numerator = xp.astype(numerator, q.dtype)
-        log_scale = xp.astype(log_scale, q.dtype)
+    if numerator.dtype != dtype or log_scale.dtype != dtype:
+        numerator = xp.astype(numerator, dtype)
+        log_scale = xp.astype(log_scale, dtype)
     return CausalState(numerator, log_scale)
 

@@ -1,0 +1,169 @@
+"""Autodiff and transformations: torch autograd, jax.grad / jit / vmap / lax.scan."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import favorplus as fp
+
+
+def _problem(L=13, d=6, dv=3, m=20, seed=0, norm=1.0):
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((2, L, d)) * norm * 0.5 for _ in range(2))
+    v = rng.standard_normal((2, L, dv))
+    mask = rng.random((2, L)) < 0.8
+    w = fp.draw_projection(m, d, seed=seed + 1)
+    return q, k, v, mask, w
+
+
+def _quadratic(lib, q, k, v, w, mask, causal, kernel):
+    """The quadratic form written directly in the autodiff library (no favorplus code)."""
+    d = q.shape[-1]
+    s = math.sqrt(1 / math.sqrt(d))
+
+    def phi(x):
+        x = x * s
+        u = x @ w.T
+        sq = 0.5 * (x * x).sum(-1)[..., None]
+        if kernel == "softmax":
+            return lib.exp(u - sq)
+        return lib.exp(-sq) * lib.concatenate([lib.exp(u), lib.exp(-u)], -1)
+
+    a = phi(q) @ lib.swapaxes(phi(k), -1, -2)
+    a = a * mask[..., None, :]
+    if causal:
+        a = lib.tril(a)
+    return (a @ v) / a.sum(-1)[..., None]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyperbolic"])
+def test_torch_gradients_match_quadratic_form(causal, kernel):
+    torch = pytest.importorskip("torch")
+    q, k, v, mask, w = _problem()
+    mask[:, 0] = True  # every causal row sees a key
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    tw, tm = torch.tensor(w), torch.tensor(mask)
+    g = torch.tensor(np.random.default_rng(9).standard_normal((2, 13, 3)))
+    out = fp.favor_attention(tq, tk, tv, tw, kernel=kernel, causal=causal, key_mask=tm, chunk_size=4)
+    grads = torch.autograd.grad((out * g).sum(), (tq, tk, tv))
+    ref = _quadratic(torch, tq, tk, tv, tw, tm.double(), causal, kernel)
+    want = torch.autograd.grad((ref * g).sum(), (tq, tk, tv))
+    for a, b in zip(grads, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_float32_gradients_finite_with_extreme_inputs(causal):
+    torch = pytest.importorskip("torch")
+    q, k, v, mask, w = _problem(L=40, d=16, norm=10 * 16**0.25 * 2)
+    k[:, 7] *= 50
+    tq, tk, tv = (torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (q, k, v))
+    out = fp.favor_attention(tq, tk, tv, torch.tensor(w, dtype=torch.float32), causal=causal,
+                             chunk_size=8)
+    out.sum().backward()
+    for t in (out, tq.grad, tk.grad, tv.grad):
+        assert torch.isfinite(t).all()
+
+
+@pytest.fixture
+def jax():
+    return pytest.importorskip("jax")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyperbolic"])
+def test_jax_grad_matches_quadratic_form(jax, causal, kernel):
+    jnp = jax.numpy
+    q, k, v, mask, w = _problem(seed=3)
+    mask[:, 0] = True
+    g = np.random.default_rng(9).standard_normal((2, 13, 3))
+    jw, jm = jnp.asarray(w), jnp.asarray(mask)
+
+    def ours(q, k, v):
+        out = fp.favor_attention(q, k, v, jw, kernel=kernel, causal=causal, key_mask=jm,
+                                 chunk_size=4)
+        return (out * g).sum()
+
+    def theirs(q, k, v):
+        return (_quadratic(jnp, q, k, v, jw, jm.astype(q.dtype), causal, kernel) * g).sum()
+
+    args = tuple(jnp.asarray(a) for a in (q, k, v))
+    got = jax.grad(ours, argnums=(0, 1, 2))(*args)
+    want = jax.grad(theirs, argnums=(0, 1, 2))(*args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_jax_jit_vmap_and_float32_grad(jax, causal):
+    jnp = jax.numpy
+    q, k, v, mask, w = _problem(L=21, norm=20.0)
+    jw = jnp.asarray(w, dtype=jnp.float32)
+    f = lambda q, k, v: fp.favor_attention(q, k, v, jw, causal=causal, chunk_size=5)  # noqa: E731
+    args = tuple(jnp.asarray(a, dtype=jnp.float32) for a in (q, k, v))
+    eager = f(*args)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(*args)), np.asarray(eager), rtol=2e-5, atol=2e-6)
+    per_row = jax.vmap(f)(*args)  # maps over the leading batch axis
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(eager), rtol=2e-5, atol=2e-6)
+    grads = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(*args)
+    assert all(bool(jnp.isfinite(x).all()) for x in grads)
+
+
+def test_jax_causal_program_does_not_grow_with_length(jax):
+    """Under jit the traced program (hence compile time) does not grow with L."""
+    jnp = jax.numpy
+    w = jnp.asarray(fp.draw_projection(16, 8, seed=0), dtype=jnp.float32)
+
+    def size(L):
+        x = jnp.zeros((2, L, 8), dtype=jnp.float32)
+        f = lambda q, k, v: fp.favor_attention(q, k, v, w, causal=True, chunk_size=16)  # noqa: E731
+        jaxpr = jax.make_jaxpr(f)(x, x, x)
+        return len(str(jaxpr).splitlines())
+
+    # The same program for long inputs, and no growth from short to long ones (a few
+    # equations differ where a dimension is small enough to be treated specially).
+    assert size(1024) == size(16384)
+    assert size(16384) <= size(64) + 30
+
+
+def test_jax_decoding_in_lax_scan(jax):
+    jnp = jax.numpy
+    q, k, v, _, w = _problem(L=17, seed=5)
+    jw = jnp.asarray(w)
+    full = fp.favor_attention(*(jnp.asarray(a) for a in (q, k, v)), jw, causal=True)
+    state = fp.init_causal_state(jw, 3, batch_shape=(2,), dtype=jnp.float64)
+
+    def body(state, tok):
+        qt, kt, vt = tok
+        out, state = fp.favor_attention_step(qt[:, None], kt[:, None], vt[:, None], jw, state)
+        return state, out[:, 0]
+
+    toks = tuple(jnp.moveaxis(jnp.asarray(a), 1, 0) for a in (q, k, v))
+    _, outs = jax.jit(lambda s, t: jax.lax.scan(body, s, t))(state, toks)
+    np.testing.assert_allclose(np.asarray(jnp.moveaxis(outs, 0, 1)), np.asarray(full),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_torch_decoding_step_compiles():
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile unavailable")
+    q, k, v, _, w = _problem(L=6, seed=2)
+    tw = torch.tensor(w)
+    tq, tk, tv = (torch.tensor(a) for a in (q, k, v))
+    full = fp.favor_attention(tq, tk, tv, tw, causal=True)
+    state = fp.init_causal_state(tw, 3, batch_shape=(2,), dtype=torch.float64)
+
+    def step(qt, kt, vt, state):
+        return fp.favor_attention_step(qt, kt, vt, tw, state)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    outs = []
+    for t in range(6):
+        o, state = compiled(tq[:, t : t + 1], tk[:, t : t + 1], tv[:, t : t + 1], state)
+        outs.append(o)
+    np.testing.assert_allclose(torch.cat(outs, 1).numpy(), full.numpy(), rtol=1e-10, atol=1e-12)

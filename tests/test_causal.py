@@ -1,0 +1,189 @@
+"""Causal FAVOR+: exactness, no leak from the future, chunking, decoding."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import favorplus as fp
+
+from . import reference as ref
+from .strategies import problems
+from .test_attention import close, expected, run
+
+KERNELS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@given(p=problems(causal=True, max_len=40, max_norm=1.0), chunk=st.integers(1, 17))
+def test_equals_tril_quadratic_form(xp, kernel, p, chunk):
+    out, w = run(xp, p, kernel=kernel, causal=True, chunk_size=chunk)
+    want = expected(p, w, kernel, causal=True)
+    got = xp.numpy(out)
+    if kernel == "softmax_trig":
+        # Compare only rows whose trigonometric normaliser is well away from 0.
+        fq = ref.features(p.q, w, kernel, 1 / math.sqrt(p.d))
+        fk = ref.features(p.k, w, kernel, 1 / math.sqrt(p.d))
+        a = np.tril(fq @ np.swapaxes(fk, -1, -2))
+        if p.key_mask is not None:
+            a = np.where(p.key_mask[..., None, :], a, 0.0)
+        good = np.abs(a.sum(-1)) > 0.05 * np.abs(a).sum(-1)
+        got, want = np.broadcast_arrays(got, want)
+        good = np.broadcast_to(good[..., None], got.shape)
+        got, want = got[good], want[good]
+    close(got, want, 1e-8)
+
+
+@given(p=problems(causal=True, max_len=20), chunk=st.integers(1, 8))
+def test_rows_equal_bidirectional_on_prefix(xp, p, chunk):
+    out, w = run(xp, p, causal=True, chunk_size=chunk)
+    got = xp.numpy(out)
+    L = p.q.shape[-2]
+    wb = xp.asarray(w)
+    mask_full = None if p.key_mask is None else p.key_mask
+    for t in range(L):
+        # Row t equals the last row of the bidirectional output on k[:t+1], v[:t+1].
+        m_t = None if mask_full is None else xp.asarray(mask_full[..., : t + 1])
+        pre = fp.favor_attention(
+            xp.asarray(p.q[..., t : t + 1, :]), xp.asarray(p.k[..., : t + 1, :]),
+            xp.asarray(p.v[..., : t + 1, :]), wb, key_mask=m_t,
+        )
+        close(got[..., t : t + 1, :], np.broadcast_to(xp.numpy(pre), got[..., t : t + 1, :].shape),
+              1e-9)
+        # And the bidirectional call whose key mask hides exactly the future.
+        future = np.arange(L) <= t
+        m = future if mask_full is None else mask_full & future
+        full = fp.favor_attention(xp.asarray(p.q), xp.asarray(p.k), xp.asarray(p.v), wb,
+                                  key_mask=xp.asarray(m))
+        close(got[..., t, :], np.broadcast_to(xp.numpy(full)[..., t, :], got[..., t, :].shape),
+              1e-9)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyperbolic", "relu"])
+@given(data=st.data())
+def test_prefix_never_depends_on_the_future(xp, dtype, kernel, data):
+    """out[:t] is bit-for-bit unchanged when every token after t is replaced, even by extremes."""
+    L = data.draw(st.integers(2, 50))
+    t = data.draw(st.integers(1, L - 1))
+    d = data.draw(st.sampled_from([2, 8, 16]))
+    chunk = data.draw(st.sampled_from([None, 1, 3, 8, 64]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    q, k, v = rng.standard_normal((3, 2, L, d))
+    w = fp.draw_projection(24, d, seed=3)
+    future = data.draw(st.sampled_from(["huge_keys", "huge_values", "random", "huge_queries"]))
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()
+    big = 1e30 if dtype == "float32" else 1e150
+    if future == "huge_keys":
+        k2[:, t:] = rng.standard_normal((2, L - t, d)) * 1e3
+        k2[:, -1] = big
+    elif future == "huge_values":
+        v2[:, t:] = big
+    elif future == "huge_queries":
+        q2[:, t:] = big
+    else:
+        q2[:, t:], k2[:, t:], v2[:, t:] = rng.standard_normal((3, 2, L - t, d)) * 5
+    wb = xp.asarray(w, dtype)
+
+    def go(a, b, c):
+        return xp.numpy(fp.favor_attention(xp.asarray(a, dtype), xp.asarray(b, dtype),
+                                           xp.asarray(c, dtype), wb, kernel=kernel,
+                                           causal=True, chunk_size=chunk))
+
+    before = go(q, k, v)
+    with np.errstate(over="ignore"):  # |k|^2 of a 1e30 key overflows float32: that key drops out
+        after = go(q2, k2, v2)
+    assert np.all(np.isfinite(before))
+    np.testing.assert_array_equal(after[:, :t], before[:, :t])
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyperbolic"])
+@given(data=st.data())
+def test_float32_extreme_inputs_finite(xp, kernel, data):
+    """No inf or NaN for finite float32 inputs up to scaled norm 10 (and the huge-key case)."""
+    L = data.draw(st.integers(1, 70))
+    d = data.draw(st.sampled_from([4, 16, 64]))
+    norm = data.draw(st.sampled_from([1.0, 10.0, 100.0]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    q = unit(rng.standard_normal((2, L, d))) * norm * d**0.25
+    k = -q if data.draw(st.booleans()) else unit(rng.standard_normal((2, L, d))) * norm * d**0.25
+    v = rng.standard_normal((2, L, 3)) * 1e3
+    w = fp.draw_projection(32, d, seed=0)
+    out = fp.favor_attention(*(xp.asarray(a, "float32") for a in (q, k, v, w)),
+                             kernel=kernel, causal=True, chunk_size=data.draw(st.sampled_from([4, 64])))
+    assert np.all(np.isfinite(xp.numpy(out)))
+
+
+@given(p=problems(causal=True, max_len=30), chunks=st.lists(st.integers(1, 9), min_size=2, max_size=4))
+def test_chunk_size_never_changes_the_result(xp, p, chunks):
+    outs = [xp.numpy(run(xp, p, causal=True, chunk_size=c)[0]) for c in [*chunks, None, 1000]]
+    for o in outs[1:]:
+        close(o, outs[0], 1e-10)
+
+
+@given(p=problems(causal=True, max_len=30), data=st.data())
+def test_decoding_equals_full_call(xp, p, data):
+    """Token by token, and in blocks of random sizes, with the state carried along."""
+    full, w = run(xp, p, causal=True)
+    full = xp.numpy(full)
+    L = p.q.shape[-2]
+    sizes = data.draw(st.sampled_from(["tokens", "blocks"]))
+    cuts = list(range(1, L)) if sizes == "tokens" else sorted(
+        data.draw(st.sets(st.integers(1, max(1, L - 1)), max_size=5)) if L > 1 else []
+    )
+    bounds = [0, *[c for c in cuts if 0 < c < L], L]
+    wb = xp.asarray(w)
+    state = None
+    if data.draw(st.booleans()):
+        batch = np.broadcast_shapes(p.q.shape[:-2], p.k.shape[:-2], p.v.shape[:-2])
+        state = fp.init_causal_state(wb, p.v.shape[-1], batch_shape=batch)
+    pieces = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        mask = None if p.key_mask is None else xp.asarray(p.key_mask[..., a:b])
+        o, state = fp.favor_attention_step(
+            xp.asarray(p.q[..., a:b, :]), xp.asarray(p.k[..., a:b, :]), xp.asarray(p.v[..., a:b, :]),
+            wb, state, key_mask=mask, chunk_size=data.draw(st.sampled_from([None, 2])),
+        )
+        pieces.append(xp.numpy(o))
+    got = np.concatenate([np.broadcast_to(x, (*full.shape[:-2], x.shape[-2], full.shape[-1]))
+                          for x in pieces], axis=-2)
+    close(got, full, 1e-10)
+    assert isinstance(state, tuple) and len(state) == 2
+
+
+def test_state_shapes_and_errors(xp):
+    w = xp.asarray(fp.draw_projection(8, 4, seed=0))
+    st0 = fp.init_causal_state(w, 3, batch_shape=(2,), kernel="softmax_hyperbolic")
+    assert st0.numerator.shape == (2, 16, 4) and st0.log_scale.shape == (2,)
+    q = xp.asarray(np.zeros((2, 1, 4)))
+    v = xp.asarray(np.zeros((2, 1, 3)))
+    with pytest.raises(ValueError, match="state.numerator"):
+        fp.favor_attention_step(q, q, v, w, st0)  # softmax has 8 features, not 16
+    with pytest.raises(TypeError, match="state"):
+        fp.favor_attention_step(q, q, v, w, "not a state")
+
+
+def test_causal_needs_equal_lengths(xp):
+    q = xp.asarray(np.zeros((3, 4)))
+    k = xp.asarray(np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="causal"):
+        fp.favor_attention(q, k, k, xp.asarray(fp.draw_projection(4, 4, seed=0)), causal=True)
+
+
+def test_decoding_from_first_masked_tokens(xp):
+    """Rows before the first visible key are 0; later rows are unaffected by masked ones."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 6, 4))
+    mask = np.array([False, False, True, False, True, True])
+    w = fp.draw_projection(16, 4, seed=1)
+    out = xp.numpy(fp.favor_attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), xp.asarray(w),
+                                      causal=True, key_mask=xp.asarray(mask), chunk_size=2))
+    assert np.all(out[:2] == 0)
+    fq = ref.features(q, w, "softmax", 0.5)
+    fk = ref.features(k, w, "softmax", 0.5)
+    close(out, ref.quadratic_attention(fq, fk, v, key_mask=mask, causal=True), 1e-10)
