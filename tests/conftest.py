@@ -23,8 +23,9 @@ _common = dict(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("ci", derandomize=True, database=None, max_examples=20, **_common)
-settings.register_profile("dev", max_examples=20, **_common)
+_examples = int(os.environ.get("FAVORPLUS_HYPOTHESIS_EXAMPLES", "20"))
+settings.register_profile("ci", derandomize=True, database=None, max_examples=_examples, **_common)
+settings.register_profile("dev", max_examples=_examples, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
@@ -91,7 +92,9 @@ def _make(name: str) -> Backend:
             pytest.skip("array-api-strict is not installed")
         import array_api_strict as xps
 
-        return Backend(name, xps, xps.Device("CPU_DEVICE"), xps, _dtypes(xps, ("float32", "float64")))
+        return Backend(
+            name, xps, xps.Device("CPU_DEVICE"), xps, _dtypes(xps, ("float32", "float64"))
+        )
     if name.startswith("torch"):
         if not _has("torch"):
             pytest.skip("torch is not installed")
@@ -129,8 +132,9 @@ def _make(name: str) -> Backend:
         except Exception:
             pytest.skip("no GPU for cupy")
         xp = array_namespace(cupy.empty(0))
-        return Backend(name, xp, cupy.cuda.Device(0), cupy,
-                       _dtypes(cupy, ("float16", "float32", "float64")))
+        return Backend(
+            name, xp, cupy.cuda.Device(0), cupy, _dtypes(cupy, ("float16", "float32", "float64"))
+        )
     raise ValueError(name)
 
 

@@ -41,6 +41,7 @@ def problems(
     lk = draw(st.integers(1, max_len))
     lq = lk if causal else draw(st.integers(1, max_len))
     batch = draw(st.sampled_from([(), (2,), (2, 3), (1, 3)]))
+
     # Leading dims of each array: full, or broadcast (1s / fewer dims).
     def lead():
         options = [batch]

@@ -22,8 +22,14 @@ def run(b, p, *, kernel="softmax", causal=False, dtype="float64", **kw):
     w = fp.draw_projection(p.num_features, p.d, seed=p.seed)
     mask = None if p.key_mask is None else b.asarray(p.key_mask)
     out = fp.favor_attention(
-        b.asarray(p.q, dtype), b.asarray(p.k, dtype), b.asarray(p.v, dtype),
-        b.asarray(w, dtype), kernel=kernel, causal=causal, key_mask=mask, **kw,
+        b.asarray(p.q, dtype),
+        b.asarray(p.k, dtype),
+        b.asarray(p.v, dtype),
+        b.asarray(w, dtype),
+        kernel=kernel,
+        causal=causal,
+        key_mask=mask,
+        **kw,
     )
     return out, w
 
@@ -110,8 +116,9 @@ def test_masked_keys_have_no_effect(xp, kernel, p, junk):
     v2 = np.where(mask[..., None], np.broadcast_to(p.v, (*shape, p.v.shape[-1])), -junk)
     p2 = type(p)(p.q, k2, v2, p.key_mask, p.num_features, p.seed)
     out2, _ = run(xp, p2, kernel=kernel)
-    np.testing.assert_allclose(xp.numpy(out2), np.broadcast_to(xp.numpy(out), out2.shape),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        xp.numpy(out2), np.broadcast_to(xp.numpy(out), out2.shape), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_fully_masked_rows_are_zero(xp):
@@ -131,8 +138,9 @@ def test_softmax_attention_matches_reference(xp, p):
     for causal in (False, True):
         if causal and p.q.shape[-2] != p.k.shape[-2]:
             continue
-        out = fp.softmax_attention(xp.asarray(p.q), xp.asarray(p.k), xp.asarray(p.v),
-                                   key_mask=mask, causal=causal)
+        out = fp.softmax_attention(
+            xp.asarray(p.q), xp.asarray(p.k), xp.asarray(p.v), key_mask=mask, causal=causal
+        )
         want = ref.exact_attention(p.q, p.k, p.v, key_mask=p.key_mask, causal=causal)
         close(xp.numpy(out), want, 1e-12)
 
@@ -141,8 +149,9 @@ def test_softmax_attention_matches_reference(xp, p):
 def test_attention_matrix_is_the_implicit_matrix(xp, p, kernel):
     w = fp.draw_projection(p.num_features, p.d, seed=p.seed)
     mask = None if p.key_mask is None else xp.asarray(p.key_mask)
-    a = fp.favor_attention_matrix(xp.asarray(p.q), xp.asarray(p.k), xp.asarray(w),
-                                  kernel=kernel, key_mask=mask)
+    a = fp.favor_attention_matrix(
+        xp.asarray(p.q), xp.asarray(p.k), xp.asarray(w), kernel=kernel, key_mask=mask
+    )
     out, _ = run(xp, p, kernel=kernel)
     v = p.v if p.key_mask is None else np.where(p.key_mask[..., None], p.v, 0)
     close(xp.numpy(a) @ v, xp.numpy(out), 1e-9)
@@ -159,8 +168,9 @@ def test_generalized_kernels(xp):
     def elu1(u):
         return xp.xp.where(u > 0, u + 1.0, xp.xp.exp(xp.xp.minimum(u, 0.0)))
 
-    got = fp.favor_attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), xp.asarray(w),
-                             kernel=elu1)
+    got = fp.favor_attention(
+        xp.asarray(q), xp.asarray(k), xp.asarray(v), xp.asarray(w), kernel=elu1
+    )
     u = lambda x: (x * math.sqrt(scale)) @ w.T  # noqa: E731
     f = lambda t: np.where(t > 0, t + 1, np.exp(np.minimum(t, 0)))  # noqa: E731
     close(xp.numpy(got), ref.quadratic_attention(f(u(q)), f(u(k)), v), 1e-10)
@@ -193,8 +203,9 @@ def test_error_shrinks_like_inverse_sqrt_m_and_orthogonal_beats_iid(xp):
             errors[kind, m] = float(np.mean(e))
     ratio = errors["iid", 16] / errors["iid", 1024]
     assert 4 < ratio < 16, errors
-    slope = np.polyfit(np.log([16, 64, 256, 1024]),
-                       np.log([errors["iid", m] for m in (16, 64, 256, 1024)]), 1)[0]
+    slope = np.polyfit(
+        np.log([16, 64, 256, 1024]), np.log([errors["iid", m] for m in (16, 64, 256, 1024)]), 1
+    )[0]
     assert -0.65 < slope < -0.35, (slope, errors)
     for m in (16, 64, 256, 1024):
         assert errors["orthogonal", m] < errors["iid", m], errors
@@ -224,9 +235,14 @@ def test_float32_large_norms_finite_and_accurate(xp, causal, kernel, data):
         k[:, L // 2] *= 1e3
     v = rng.standard_normal((2, L, 3))
     w = fp.draw_projection(64, d, seed=5)
-    out32 = fp.favor_attention(xp.asarray(q, "float32"), xp.asarray(k, "float32"),
-                               xp.asarray(v, "float32"), xp.asarray(w, "float32"),
-                               kernel=kernel, causal=causal)
+    out32 = fp.favor_attention(
+        xp.asarray(q, "float32"),
+        xp.asarray(k, "float32"),
+        xp.asarray(v, "float32"),
+        xp.asarray(w, "float32"),
+        kernel=kernel,
+        causal=causal,
+    )
     o32 = xp.numpy(out32)
     assert np.all(np.isfinite(o32))
     if not causal and norm <= 10 and layout != "one_huge_key":

@@ -48,7 +48,9 @@ def test_torch_gradients_match_quadratic_form(causal, kernel):
     tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
     tw, tm = torch.tensor(w), torch.tensor(mask)
     g = torch.tensor(np.random.default_rng(9).standard_normal((2, 13, 3)))
-    out = fp.favor_attention(tq, tk, tv, tw, kernel=kernel, causal=causal, key_mask=tm, chunk_size=4)
+    out = fp.favor_attention(
+        tq, tk, tv, tw, kernel=kernel, causal=causal, key_mask=tm, chunk_size=4
+    )
     grads = torch.autograd.grad((out * g).sum(), (tq, tk, tv))
     ref = _quadratic(torch, tq, tk, tv, tw, tm.double(), causal, kernel)
     want = torch.autograd.grad((ref * g).sum(), (tq, tk, tv))
@@ -62,8 +64,9 @@ def test_torch_float32_gradients_finite_with_extreme_inputs(causal):
     q, k, v, mask, w = _problem(L=40, d=16, norm=10 * 16**0.25 * 2)
     k[:, 7] *= 50
     tq, tk, tv = (torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (q, k, v))
-    out = fp.favor_attention(tq, tk, tv, torch.tensor(w, dtype=torch.float32), causal=causal,
-                             chunk_size=8)
+    out = fp.favor_attention(
+        tq, tk, tv, torch.tensor(w, dtype=torch.float32), causal=causal, chunk_size=8
+    )
     out.sum().backward()
     for t in (out, tq.grad, tk.grad, tv.grad):
         assert torch.isfinite(t).all()
@@ -84,8 +87,9 @@ def test_jax_grad_matches_quadratic_form(jax, causal, kernel):
     jw, jm = jnp.asarray(w), jnp.asarray(mask)
 
     def ours(q, k, v):
-        out = fp.favor_attention(q, k, v, jw, kernel=kernel, causal=causal, key_mask=jm,
-                                 chunk_size=4)
+        out = fp.favor_attention(
+            q, k, v, jw, kernel=kernel, causal=causal, key_mask=jm, chunk_size=4
+        )
         return (out * g).sum()
 
     def theirs(q, k, v):
@@ -106,7 +110,9 @@ def test_jax_jit_vmap_and_float32_grad(jax, causal):
     f = lambda q, k, v: fp.favor_attention(q, k, v, jw, causal=causal, chunk_size=5)  # noqa: E731
     args = tuple(jnp.asarray(a, dtype=jnp.float32) for a in (q, k, v))
     eager = f(*args)
-    np.testing.assert_allclose(np.asarray(jax.jit(f)(*args)), np.asarray(eager), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(f)(*args)), np.asarray(eager), rtol=2e-5, atol=2e-6
+    )
     per_row = jax.vmap(f)(*args)  # maps over the leading batch axis
     np.testing.assert_allclose(np.asarray(per_row), np.asarray(eager), rtol=2e-5, atol=2e-6)
     grads = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(*args)
@@ -144,8 +150,9 @@ def test_jax_decoding_in_lax_scan(jax):
 
     toks = tuple(jnp.moveaxis(jnp.asarray(a), 1, 0) for a in (q, k, v))
     _, outs = jax.jit(lambda s, t: jax.lax.scan(body, s, t))(state, toks)
-    np.testing.assert_allclose(np.asarray(jnp.moveaxis(outs, 0, 1)), np.asarray(full),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(jnp.moveaxis(outs, 0, 1)), np.asarray(full), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_torch_decoding_step_compiles():

@@ -49,18 +49,26 @@ def test_rows_equal_bidirectional_on_prefix(xp, p, chunk):
         # Row t equals the last row of the bidirectional output on k[:t+1], v[:t+1].
         m_t = None if mask_full is None else xp.asarray(mask_full[..., : t + 1])
         pre = fp.favor_attention(
-            xp.asarray(p.q[..., t : t + 1, :]), xp.asarray(p.k[..., : t + 1, :]),
-            xp.asarray(p.v[..., : t + 1, :]), wb, key_mask=m_t,
+            xp.asarray(p.q[..., t : t + 1, :]),
+            xp.asarray(p.k[..., : t + 1, :]),
+            xp.asarray(p.v[..., : t + 1, :]),
+            wb,
+            key_mask=m_t,
         )
-        close(got[..., t : t + 1, :], np.broadcast_to(xp.numpy(pre), got[..., t : t + 1, :].shape),
-              1e-9)
+        close(
+            got[..., t : t + 1, :],
+            np.broadcast_to(xp.numpy(pre), got[..., t : t + 1, :].shape),
+            1e-9,
+        )
         # And the bidirectional call whose key mask hides exactly the future.
         future = np.arange(L) <= t
         m = future if mask_full is None else mask_full & future
-        full = fp.favor_attention(xp.asarray(p.q), xp.asarray(p.k), xp.asarray(p.v), wb,
-                                  key_mask=xp.asarray(m))
-        close(got[..., t, :], np.broadcast_to(xp.numpy(full)[..., t, :], got[..., t, :].shape),
-              1e-9)
+        full = fp.favor_attention(
+            xp.asarray(p.q), xp.asarray(p.k), xp.asarray(p.v), wb, key_mask=xp.asarray(m)
+        )
+        close(
+            got[..., t, :], np.broadcast_to(xp.numpy(full)[..., t, :], got[..., t, :].shape), 1e-9
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -90,9 +98,17 @@ def test_prefix_never_depends_on_the_future(xp, dtype, kernel, data):
     wb = xp.asarray(w, dtype)
 
     def go(a, b, c):
-        return xp.numpy(fp.favor_attention(xp.asarray(a, dtype), xp.asarray(b, dtype),
-                                           xp.asarray(c, dtype), wb, kernel=kernel,
-                                           causal=True, chunk_size=chunk))
+        return xp.numpy(
+            fp.favor_attention(
+                xp.asarray(a, dtype),
+                xp.asarray(b, dtype),
+                xp.asarray(c, dtype),
+                wb,
+                kernel=kernel,
+                causal=True,
+                chunk_size=chunk,
+            )
+        )
 
     before = go(q, k, v)
     with np.errstate(over="ignore"):  # |k|^2 of a 1e30 key overflows float32: that key drops out
@@ -114,12 +130,18 @@ def test_float32_extreme_inputs_finite(xp, kernel, data):
     k = -q if data.draw(st.booleans()) else unit(rng.standard_normal((2, L, d))) * norm * d**0.25
     v = rng.standard_normal((2, L, 3)) * 1e3
     w = fp.draw_projection(32, d, seed=0)
-    out = fp.favor_attention(*(xp.asarray(a, "float32") for a in (q, k, v, w)),
-                             kernel=kernel, causal=True, chunk_size=data.draw(st.sampled_from([4, 64])))
+    out = fp.favor_attention(
+        *(xp.asarray(a, "float32") for a in (q, k, v, w)),
+        kernel=kernel,
+        causal=True,
+        chunk_size=data.draw(st.sampled_from([4, 64])),
+    )
     assert np.all(np.isfinite(xp.numpy(out)))
 
 
-@given(p=problems(causal=True, max_len=30), chunks=st.lists(st.integers(1, 9), min_size=2, max_size=4))
+@given(
+    p=problems(causal=True, max_len=30), chunks=st.lists(st.integers(1, 9), min_size=2, max_size=4)
+)
 def test_chunk_size_never_changes_the_result(xp, p, chunks):
     outs = [xp.numpy(run(xp, p, causal=True, chunk_size=c)[0]) for c in [*chunks, None, 1000]]
     for o in outs[1:]:
@@ -133,8 +155,10 @@ def test_decoding_equals_full_call(xp, p, data):
     full = xp.numpy(full)
     L = p.q.shape[-2]
     sizes = data.draw(st.sampled_from(["tokens", "blocks"]))
-    cuts = list(range(1, L)) if sizes == "tokens" else sorted(
-        data.draw(st.sets(st.integers(1, max(1, L - 1)), max_size=5)) if L > 1 else []
+    cuts = (
+        list(range(1, L))
+        if sizes == "tokens"
+        else sorted(data.draw(st.sets(st.integers(1, max(1, L - 1)), max_size=5)) if L > 1 else [])
     )
     bounds = [0, *[c for c in cuts if 0 < c < L], L]
     wb = xp.asarray(w)
@@ -146,12 +170,19 @@ def test_decoding_equals_full_call(xp, p, data):
     for a, b in zip(bounds[:-1], bounds[1:]):
         mask = None if p.key_mask is None else xp.asarray(p.key_mask[..., a:b])
         o, state = fp.favor_attention_step(
-            xp.asarray(p.q[..., a:b, :]), xp.asarray(p.k[..., a:b, :]), xp.asarray(p.v[..., a:b, :]),
-            wb, state, key_mask=mask, chunk_size=data.draw(st.sampled_from([None, 2])),
+            xp.asarray(p.q[..., a:b, :]),
+            xp.asarray(p.k[..., a:b, :]),
+            xp.asarray(p.v[..., a:b, :]),
+            wb,
+            state,
+            key_mask=mask,
+            chunk_size=data.draw(st.sampled_from([None, 2])),
         )
         pieces.append(xp.numpy(o))
-    got = np.concatenate([np.broadcast_to(x, (*full.shape[:-2], x.shape[-2], full.shape[-1]))
-                          for x in pieces], axis=-2)
+    got = np.concatenate(
+        [np.broadcast_to(x, (*full.shape[:-2], x.shape[-2], full.shape[-1])) for x in pieces],
+        axis=-2,
+    )
     close(got, full, 1e-10)
     assert isinstance(state, tuple) and len(state) == 2
 
@@ -162,7 +193,7 @@ def test_state_shapes_and_errors(xp):
     assert st0.numerator.shape == (2, 16, 4) and st0.log_scale.shape == (2,)
     q = xp.asarray(np.zeros((2, 1, 4)))
     v = xp.asarray(np.zeros((2, 1, 3)))
-    with pytest.raises(ValueError, match="state.numerator"):
+    with pytest.raises(ValueError, match=r"state\.numerator"):
         fp.favor_attention_step(q, q, v, w, st0)  # softmax has 8 features, not 16
     with pytest.raises(TypeError, match="state"):
         fp.favor_attention_step(q, q, v, w, "not a state")
@@ -181,8 +212,17 @@ def test_decoding_from_first_masked_tokens(xp):
     q, k, v = rng.standard_normal((3, 6, 4))
     mask = np.array([False, False, True, False, True, True])
     w = fp.draw_projection(16, 4, seed=1)
-    out = xp.numpy(fp.favor_attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), xp.asarray(w),
-                                      causal=True, key_mask=xp.asarray(mask), chunk_size=2))
+    out = xp.numpy(
+        fp.favor_attention(
+            xp.asarray(q),
+            xp.asarray(k),
+            xp.asarray(v),
+            xp.asarray(w),
+            causal=True,
+            key_mask=xp.asarray(mask),
+            chunk_size=2,
+        )
+    )
     assert np.all(out[:2] == 0)
     fq = ref.features(q, w, "softmax", 0.5)
     fk = ref.features(k, w, "softmax", 0.5)

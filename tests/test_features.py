@@ -137,7 +137,9 @@ def test_feature_map_matches_definition(xp, kernel):
     w = fp.draw_projection(10, 6, seed=4)
     got = fp.feature_map(xp.asarray(x), xp.asarray(w), kernel=kernel, scale=0.3)
     assert got.shape == ref.features(x, w, kernel, 0.3).shape
-    np.testing.assert_allclose(xp.numpy(got), ref.features(x, w, kernel, 0.3), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        xp.numpy(got), ref.features(x, w, kernel, 0.3), rtol=1e-12, atol=1e-14
+    )
 
 
 def test_feature_map_custom_and_deterministic(xp):

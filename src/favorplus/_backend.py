@@ -56,7 +56,9 @@ def common_namespace(**arrays: Array | None) -> Namespace:
             ) from None
     distinct = {id(ns) for ns in spaces.values()}
     if len(distinct) > 1:
-        parts = ", ".join(f"{k}: {type(named[k]).__module__}.{type(named[k]).__name__}" for k in named)
+        parts = ", ".join(
+            f"{k}: {type(named[k]).__module__}.{type(named[k]).__name__}" for k in named
+        )
         raise TypeError(f"all arrays must come from the same array library; got {parts}")
     xp = next(iter(spaces.values()))
     # Under tracing (jax.jit, vmap, grad) an array's device may be unknown (None): skip it.
@@ -104,7 +106,7 @@ def broadcast_shapes(*shapes: Sequence[int], names: Sequence[str]) -> tuple[int,
     out = []
     for axis in range(-ndim, 0):
         size = 1
-        for shape, name in zip(shapes, names):
+        for shape in shapes:
             if len(shape) >= -axis:
                 n = shape[axis]
                 if n != 1:
@@ -180,18 +182,21 @@ def chunk_scan(
     for n in range(keys.shape[-3]):
         outs.append(xp.matmul(queries[..., n, :, :], s))
         update = xp.matmul(xp.matrix_transpose(keys[..., n, :, :]), values[..., n, :, :])
-        # S is a temporary of ours after the first chunk: update it in place if allowed.
+        # S is a temporary of ours after the first chunk: update it in place if allowed
+        # (not under autograd: the matmul above saved it for the backward pass).
         s = add(xp, multiply(xp, s, gates[..., n, None, None], owned=owned), update, owned=True)
-        owned = True
+        owned = not needs_grad(s)
     return xp.stack(outs, axis=-3), s
 
 
 # --- In-place fast path -------------------------------------------------------------
 # Big (L x m) temporaries dominate the run time on CPU: each new one costs page faults.
-# Where the array is a temporary that favorplus itself created, and the backend allows
-# mutation without autodiff consequences (NumPy; PyTorch tensors that need no grad),
-# elementwise steps run in place. The results are bit-for-bit those of the generic
-# expressions, which every other backend (JAX, CuPy, array-api-strict) runs.
+# Where the array is a temporary that favorplus itself created and that no other
+# operation (nor a backward pass) still needs, and the backend allows mutation
+# (NumPy; PyTorch, also under autograd), elementwise steps run in place. This also
+# keeps fewer L x m arrays alive for the backward pass. The results are bit-for-bit
+# those of the generic expressions, which every other backend (JAX, CuPy,
+# array-api-strict) runs.
 
 
 def _fits(x: Array, y: Array | float) -> bool:
@@ -206,8 +211,16 @@ def _mutable(x: Array) -> str | None:
     if array_api_compat.is_numpy_array(x):
         return "numpy" if x.flags.writeable and x.flags.c_contiguous else None
     if array_api_compat.is_torch_array(x):
-        return "torch" if not x.requires_grad and x.is_contiguous() else None
+        # Autograd allows in-place steps on non-leaf tensors that no backward needs:
+        # callers pass owned=True only for such temporaries (see needs_grad).
+        ok = x.is_contiguous() and not (x.requires_grad and x.is_leaf)
+        return "torch" if ok else None
     return None
+
+
+def needs_grad(x: Array) -> bool:
+    """True for a tensor that autograd tracks (it may be saved for a backward pass)."""
+    return bool(array_api_compat.is_torch_array(x) and x.requires_grad)
 
 
 def subtract(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
@@ -270,8 +283,10 @@ def call_core(fn: Any, arrays: tuple[Any, ...], statics: tuple[Any, ...]) -> Any
     the caller's own jit, grad or vmap the function is simply traced.
     """
     present = [a for a in arrays if a is not None]
-    if present and array_api_compat.is_jax_array(present[0]) and not any(
-        _is_traced(a) for a in present
+    if (
+        present
+        and array_api_compat.is_jax_array(present[0])
+        and not any(_is_traced(a) for a in present)
     ):
         jitted = _JITTED.get(fn)
         if jitted is None:

@@ -21,17 +21,20 @@ NEG_INF = float("-inf")
 def query_features(xp: Namespace, parts: FeatureParts, shift: Array | None = None) -> Array:
     """Query features stabilized by their row maximum; ``shift`` (per feature) is added first."""
     log = parts.log
-    owned = log is not None and not parts.shared
+    owned = log is not None and not parts.shared  # a fresh (..., L, M) array of ours
     if shift is not None:
-        log = shift if log is None else add(xp, log, shift, owned=owned)
-        owned = True
+        if log is None:
+            log, owned = shift, False
+        else:
+            log = add(xp, log, shift, owned=owned)  # in place, or a new array: ours either way
+            owned = True
     elif parts.shared:
         log = None
     if log is None:
         # A constant per row cancels in the ratio: nothing to exponentiate.
         assert parts.sign is not None
         return parts.sign
-    top = stop_gradient(xp.max(log, axis=-1, keepdims=True))
+    top = xp.max(stop_gradient(log), axis=-1, keepdims=True)
     values = exp(xp, subtract(xp, log, top, owned=owned), owned=True)
     return values if parts.sign is None else parts.sign * values
 
@@ -48,8 +51,8 @@ def bidirectional_features(
     else:
         lk = kparts.log
         masked = lk if mask is None else xp.where(mask, lk, NEG_INF)
-        top = xp.max(masked, axis=-2, keepdims=True)
-        top = stop_gradient(xp.where(xp.isfinite(top), top, 0.0))
+        top = xp.max(stop_gradient(masked), axis=-2, keepdims=True)
+        top = xp.where(xp.isfinite(top), top, 0.0)
         kf = exp(xp, subtract(xp, masked, top, owned=True), owned=True)
         if kparts.sign is not None:
             kf = kparts.sign * kf

@@ -116,5 +116,6 @@ def check_attention_inputs(
         shapes.append(key_mask.shape[:-1])
         names.append("key_mask")
     batch = broadcast_shapes(*shapes, names=names)
-    return Checked(xp=xp, batch=batch, scale=check_scale(scale, q.shape[-1]),
-                   dtype=compute_dtype(xp, q, k, v))
+    return Checked(
+        xp=xp, batch=batch, scale=check_scale(scale, q.shape[-1]), dtype=compute_dtype(xp, q, k, v)
+    )

@@ -61,7 +61,9 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise TypeError(f"chunk_size must be a positive int or None; got {type(chunk_size).__name__}")
+        raise TypeError(
+            f"chunk_size must be a positive int or None; got {type(chunk_size).__name__}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1; got {chunk_size}")
     return int(chunk_size)
@@ -123,7 +125,7 @@ def _causal_core(
         qf, lk, vp = (_pad(xp, a, pad, -2) for a in (qf, lk, vp))
         if sk is not None:
             sk = _pad(xp, sk, pad, -2)
-    top = stop_gradient(xp.max(lk, axis=-1))
+    top = xp.max(stop_gradient(lk), axis=-1)
     top = xp.maximum(top, xp.asarray(floor, dtype=dt, device=dev))
     if mask is not None:
         top = xp.where(mask, top, floor)
@@ -168,7 +170,12 @@ def _auto_chunk(length: int) -> int:
 
 
 def _empty_state(
-    xp: Namespace, batch: tuple[int, ...], num_features: int, value_dim: int, dtype: Any, device: Any
+    xp: Namespace,
+    batch: tuple[int, ...],
+    num_features: int,
+    value_dim: int,
+    dtype: Any,
+    device: Any,
 ) -> CausalState:
     numerator = xp.zeros((*batch, num_features, value_dim + 1), dtype=dtype, device=device)
     log_scale = xp.full(batch, _floor(xp, dtype), dtype=dtype, device=device)
@@ -377,4 +384,3 @@ def _check_state(
         numerator = xp.astype(numerator, dtype)
         log_scale = xp.astype(log_scale, dtype)
     return CausalState(numerator, log_scale)
-

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
 
 from ._backend import Array, Namespace, check_float, common_namespace, compute_dtype, subtract
 
 __all__ = ["Kernel", "FeatureParts", "feature_map", "resolve_kernel", "KERNELS"]
 
-KernelLike = Union[str, Callable[[Array], Array]]
+KernelLike = str | Callable[[Array], Array]
 
 KERNELS = ("softmax", "softmax_hyperbolic", "softmax_trig", "relu")
 

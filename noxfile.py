@@ -1,0 +1,71 @@
+"""nox sessions: one test session per backend (each with only that backend installed),
+lint, the demo and the benchmarks.
+
+    nox -t tests             # the whole backend test matrix (what CI runs)
+    nox -s tests-torch       # one backend
+    nox -s lint
+    nox -s bench -- --quick  # every benchmark, quick mode
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
+
+# backend -> (extras, environment)
+BACKENDS = {
+    "numpy": ("test", {}),
+    "strict": ("test,strict", {}),
+    "torch": ("test,torch", {}),
+    # JAX compiles per shape: fewer Hypothesis examples keep the session short.
+    "jax": ("test,jax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
+    "cupy": ("test,cupy", {}),
+}
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
+    @nox.session(name=f"tests-{backend}", tags=["tests"])
+    def tests(session: nox.Session) -> None:
+        if backend == "cupy" and not _has_gpu():
+            session.skip("cupy needs an NVIDIA GPU; none on this machine")
+        session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+        session.run("python", "-m", "pytest", *session.posargs, env=env)
+
+    tests.__doc__ = f"Run the test suite with only {backend} installed."
+
+
+for _name, (_extras, _env) in BACKENDS.items():
+    _make_test_session(_name, _extras, _env)
+
+
+@nox.session(tags=["lint"])
+def lint(session: nox.Session) -> None:
+    """ruff check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The demo on every CPU backend."""
+    session.install(*CONSTRAINTS, "-e", ".[all]")
+    session.run("python", "-m", "favorplus", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks (with performer-pytorch for the comparisons). Pass --quick for a short run."""
+    session.install(*CONSTRAINTS, "-e", ".[all]", "performer-pytorch", "psutil")
+    session.run("python", "benchmarks/run.py", *session.posargs)
