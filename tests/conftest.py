@@ -38,6 +38,8 @@ if _has("jax"):
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    # JAX multiplies float32 matrices in TF32 on recent GPUs by default; test full float32.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @dataclass
