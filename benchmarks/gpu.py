@@ -92,9 +92,13 @@ def torch_cases(quick: bool) -> dict[str, Any]:
         def theirs():
             perf(q, k, v).sum().backward()
 
-        row = {"L": L, "favorplus fwd+bwd": _timeit(ours, sync, 3),
-               "performer fwd+bwd": _timeit(theirs, sync, 3),
-               "favorplus peak MiB": peak(ours), "performer peak MiB": peak(theirs)}
+        row = {
+            "L": L,
+            "favorplus fwd+bwd": _timeit(ours, sync, 3),
+            "performer fwd+bwd": _timeit(theirs, sync, 3),
+            "favorplus peak MiB": peak(ours),
+            "performer peak MiB": peak(theirs),
+        }
         causal.append(row)
     out["causal forward+backward"] = causal
 

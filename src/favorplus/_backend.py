@@ -142,51 +142,41 @@ def _is_traced(x: Array) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def chunk_scan(
-    xp: Namespace, gates: Array, keys: Array, values: Array, queries: Array, state: Array
-) -> tuple[Array, Array]:
+def chunk_scan(xp: Namespace, gates: Array, updates: Array, state: Array) -> tuple[Array, Array]:
     """The state recurrence of chunked causal linear attention.
 
-    For chunk n (of N, along axis -3 of ``keys``, ``values`` and ``queries``)::
-
-        out_n = queries_n @ S_n
-        S_{n+1} = gates_n * S_n + keys_n^T @ values_n,    S_0 = state
-
-    with ``gates`` of shape (..., N), ``keys`` (..., N, C, M), ``values``
-    (..., N, C, P), ``queries`` (..., N, C, M) and ``state`` (..., M, P). Returns
-    the outputs (..., N, C, P) and the final state. N is the number of chunks, not
-    of tokens. The generic path loops over the chunks; for traced JAX arrays (under
-    ``jax.jit``, ``grad``, ``vmap``) the same body runs in ``jax.lax.scan``, so the
-    traced program, and the compile time, does not grow with N.
+    ``S_0 = state`` and ``S_{n+1} = gates_n * S_n + updates_n`` for the N chunks
+    along axis -3 of ``updates`` (shape (..., N, P, Q); ``gates`` (..., N); ``state``
+    (..., P, Q)). Returns the states before each chunk, (..., N, P, Q), and the final
+    one. N is the number of chunks, not of tokens. The generic path loops over the
+    chunks with small elementwise steps; for traced JAX arrays (under ``jax.jit``,
+    ``grad``, ``vmap``) the same step runs in ``jax.lax.scan``, so the traced program,
+    and the compile time, does not grow with N.
     """
-    if array_api_compat.is_jax_array(keys) and _is_traced(keys):
+    if array_api_compat.is_jax_array(updates) and _is_traced(updates):
         import jax
         import jax.numpy as jnp
 
-        def body(s: Array, xs: tuple[Array, Array, Array, Array]) -> tuple[Array, Array]:
-            g, k, v, q = xs
-            out = jnp.matmul(q, s)
-            return g[..., None, None] * s + jnp.matmul(jnp.swapaxes(k, -1, -2), v), out
+        def body(s: Array, xs: tuple[Array, Array]) -> tuple[Array, Array]:
+            g, u = xs
+            return g[..., None, None] * s + u, s
 
-        xs = (
-            jnp.moveaxis(gates, -1, 0),
-            jnp.moveaxis(keys, -3, 0),
-            jnp.moveaxis(values, -3, 0),
-            jnp.moveaxis(queries, -3, 0),
-        )
-        final, outs = jax.lax.scan(body, state, xs)
-        return jnp.moveaxis(outs, 0, -3), final
-    outs = []
+        xs = (jnp.moveaxis(gates, -1, 0), jnp.moveaxis(updates, -3, 0))
+        final, before = jax.lax.scan(body, state, xs)
+        return jnp.moveaxis(before, 0, -3), final
+    before = [state]
     s = state
-    owned = False
-    for n in range(keys.shape[-3]):
-        outs.append(xp.matmul(queries[..., n, :, :], s))
-        update = xp.matmul(xp.matrix_transpose(keys[..., n, :, :]), values[..., n, :, :])
-        # S is a temporary of ours after the first chunk: update it in place if allowed
-        # (not under autograd: the matmul above saved it for the backward pass).
-        s = add(xp, multiply(xp, s, gates[..., n, None, None], owned=owned), update, owned=True)
-        owned = not needs_grad(s)
-    return xp.stack(outs, axis=-3), s
+    for n in range(updates.shape[-3] - 1):
+        s = add(
+            xp,
+            multiply(xp, s, gates[..., n, None, None], owned=False),
+            updates[..., n, :, :],
+            owned=True,
+        )
+        before.append(s)
+    last = updates.shape[-3] - 1
+    final = gates[..., last, None, None] * s + updates[..., last, :, :]
+    return xp.stack(before, axis=-3), final
 
 
 # --- In-place fast path -------------------------------------------------------------

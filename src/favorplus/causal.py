@@ -28,6 +28,8 @@ from ._backend import (
     call_core,
     chunk_scan,
     exp,
+    multiply,
+    needs_grad,
     stop_gradient,
     subtract,
 )
@@ -81,13 +83,38 @@ def _pad(xp: Namespace, x: Array, pad: int, axis: int, value: Any = 0) -> Array:
     return xp.concat([x, filler], axis=axis)
 
 
-def _running_max(xp: Namespace, x: Array, floor: float) -> Array:
-    """Inclusive running maximum along the last axis (size n) via an n x n masked max."""
+def _masked_running_max(xp: Namespace, x: Array, floor: float) -> Array:
+    """Inclusive running maximum along the last axis (size n) through an n x n masked max."""
     n = x.shape[-1]
-    dev = array_api_compat.device(x)
-    idx = xp.arange(n, device=dev)
+    idx = xp.arange(n, device=array_api_compat.device(x))
     tri = idx[None, :] <= idx[:, None]
     return xp.max(xp.where(tri, x[..., None, :], floor), axis=-1)
+
+
+def _running_max(xp: Namespace, x: Array, floor: float) -> Array:
+    """Inclusive running maximum along the last axis, in O(n^1.5) memory.
+
+    The standard has no cumulative maximum: the n values are cut into groups of
+    about sqrt(n); a masked max gives the running maximum inside each group and
+    another one the maximum of all earlier groups. A fixed number of operations,
+    whatever n (so a traced program does not grow with the length).
+    """
+    n = x.shape[-1]
+    group = max(1, int(n**0.5 + 0.5))
+    rows = -(-n // group)
+    x = _pad(xp, x, rows * group - n, -1, floor)  # always (maybe by 0): a fixed program
+    blocks = xp.reshape(x, (*x.shape[:-1], rows, group))
+    inside = _masked_running_max(xp, blocks, floor)  # (..., rows, group)
+    upto = _masked_running_max(xp, inside[..., -1], floor)  # (..., rows): through row r
+    earlier = xp.concat(
+        [
+            xp.full((*upto.shape[:-1], 1), floor, dtype=x.dtype, device=array_api_compat.device(x)),
+            upto[..., :-1],
+        ],
+        axis=-1,
+    )
+    out = xp.maximum(inside, earlier[..., None])
+    return xp.reshape(out, (*x.shape[:-1], rows * group))[..., :n]
 
 
 def _causal_core(
@@ -137,7 +164,7 @@ def _causal_core(
     mc = None if mask is None else chunks(mask)
     sc = None if sk is None else chunks(sk)
 
-    cin = _running_max(xp, ec, floor)  # (B, n, C): running max inside each chunk
+    cin = _masked_running_max(xp, ec, floor)  # (B, n, C): running max inside each chunk
     firsts = xp.concat([state.log_scale[..., None], cin[..., -1]], axis=-1)
     prefix = _running_max(xp, firsts, floor)  # (B, n + 1): reference before chunk i / at end
     before = prefix[..., :n]
@@ -154,12 +181,15 @@ def _causal_core(
     tri = idx[None, :] <= idx[:, None]
     decay = xp.exp(xp.where(tri, c[..., None, :] - c[..., :, None], NEG_INF))
     scores = xp.matmul(qc, xp.matrix_transpose(kh))
-    weights = xp.where(tri, scores * decay, 0.0)
+    # (where, not only the zero decay: future entries must not turn into NaN via inf * 0)
+    weights = xp.where(tri, multiply(xp, scores, decay, owned=not needs_grad(scores)), 0.0)
     out = xp.matmul(weights, vc)
 
     after = prefix[..., 1:]
     scaled_v = vc * xp.exp(c - after[..., None])[..., None]
-    inter, final = chunk_scan(xp, xp.exp(before - after), kh, scaled_v, qc, state.numerator)
+    updates = xp.matmul(xp.matrix_transpose(kh), scaled_v)  # (B, n, M, dv + 1)
+    states, final = chunk_scan(xp, xp.exp(before - after), updates, state.numerator)
+    inter = xp.matmul(qc, states)
     out = out + xp.exp(before[..., None] - c)[..., None] * inter
     out = xp.reshape(out, (*batch, n * size, vp.shape[-1]))[..., :length, :]
     return out, CausalState(final, prefix[..., n])
@@ -179,12 +209,12 @@ def _on_accelerator(x: Array) -> bool:
 
 def _auto_chunk(length: int, like: Array) -> int:
     """Chunk length: 64 on CPU (measured best for m = 256, d = 64 on the benchmark machine);
-    on a GPU, longer chunks and at most ~32 of them, since each chunk is a few kernel
-    launches and large matrix products are cheap there."""
+    on a GPU, longer chunks (up to 256; ~32 of them where that suffices), since each
+    chunk costs a few kernel launches and large matrix products are cheap there."""
     if not _on_accelerator(like):
         return DEFAULT_CHUNK
     target = -(-length // 32)
-    return min(1024, max(DEFAULT_CHUNK, 1 << max(0, target - 1).bit_length()))
+    return min(256, max(DEFAULT_CHUNK, 1 << max(0, target - 1).bit_length()))
 
 
 def _empty_state(
