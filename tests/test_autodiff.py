@@ -130,10 +130,11 @@ def test_jax_causal_program_does_not_grow_with_length(jax):
         jaxpr = jax.make_jaxpr(f)(x, x, x)
         return len(str(jaxpr).splitlines())
 
-    # The same program for long inputs, and no growth from short to long ones (a few
-    # equations differ where a dimension is small enough to be treated specially).
-    assert size(1024) == size(16384)
-    assert size(16384) <= size(64) + 30
+    # Equal up to a few equations (jnp elides some broadcasts depending on sizes); a
+    # loop unrolled over the chunks would add several equations per chunk: 64 chunks
+    # at L = 1024, 4096 at L = 65536.
+    small, large = size(1024), size(65536)
+    assert abs(large - small) <= 30, (small, large)
 
 
 def test_jax_decoding_in_lax_scan(jax):
