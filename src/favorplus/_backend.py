@@ -164,18 +164,16 @@ def chunk_scan(xp: Namespace, gates: Array, updates: Array, state: Array) -> tup
         xs = (jnp.moveaxis(gates, -1, 0), jnp.moveaxis(updates, -3, 0))
         final, before = jax.lax.scan(body, state, xs)
         return jnp.moveaxis(before, 0, -3), final
+    # unstack, not indexing in the loop: the backward of N indexings would build N
+    # full-size gradients (quadratic in N); that of one unstack is one stack.
+    gate_list = xp.unstack(gates[..., None, None], axis=-3)
+    update_list = xp.unstack(updates, axis=-3)
     before = [state]
     s = state
-    for n in range(updates.shape[-3] - 1):
-        s = add(
-            xp,
-            multiply(xp, s, gates[..., n, None, None], owned=False),
-            updates[..., n, :, :],
-            owned=True,
-        )
+    for g, u in zip(gate_list[:-1], update_list[:-1]):
+        s = add(xp, multiply(xp, s, g, owned=False), u, owned=True)
         before.append(s)
-    last = updates.shape[-3] - 1
-    final = gates[..., last, None, None] * s + updates[..., last, :, :]
+    final = gate_list[-1] * s + update_list[-1]
     return xp.stack(before, axis=-3), final
 
 
