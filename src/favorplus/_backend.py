@@ -7,6 +7,7 @@ Everything here is array API only, except :func:`stop_gradient` and
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -211,40 +212,34 @@ def needs_grad(x: Array) -> bool:
     return bool(array_api_compat.is_torch_array(x) and x.requires_grad)
 
 
-def subtract(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
-    """``x - y``; in place when ``owned`` says x is a temporary of ours."""
+def _binary(x: Array, y: Array | float, owned: bool, name: str, op: Any) -> Array:
+    """``op(x, y)``, in place on x (torch ``x.<name>_``, NumPy ``out=x``) when allowed."""
     kind = _mutable(x) if owned and _fits(x, y) else None
     if kind == "torch":
-        return x.sub_(y)
+        return getattr(x, f"{name}_")(y)
     if kind == "numpy":
         import numpy as np
 
-        return np.subtract(x, y, out=x)
-    return x - y
+        return getattr(np, _NUMPY_UFUNCS[name])(x, y, out=x)
+    return op(x, y)
+
+
+_NUMPY_UFUNCS = {"sub": "subtract", "add": "add", "mul": "multiply"}
+
+
+def subtract(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
+    """``x - y``; in place when ``owned`` says x is a temporary of ours."""
+    return _binary(x, y, owned, "sub", operator.sub)
 
 
 def add(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
     """``x + y``; in place when ``owned`` says x is a temporary of ours."""
-    kind = _mutable(x) if owned and _fits(x, y) else None
-    if kind == "torch":
-        return x.add_(y)
-    if kind == "numpy":
-        import numpy as np
-
-        return np.add(x, y, out=x)
-    return x + y
+    return _binary(x, y, owned, "add", operator.add)
 
 
 def multiply(xp: Namespace, x: Array, y: Array | float, *, owned: bool) -> Array:
     """``x * y``; in place when ``owned`` says x is a temporary of ours."""
-    kind = _mutable(x) if owned and _fits(x, y) else None
-    if kind == "torch":
-        return x.mul_(y)
-    if kind == "numpy":
-        import numpy as np
-
-        return np.multiply(x, y, out=x)
-    return x * y
+    return _binary(x, y, owned, "mul", operator.mul)
 
 
 def exp(xp: Namespace, x: Array, *, owned: bool) -> Array:
