@@ -136,7 +136,7 @@ def stop_gradient(x: Array) -> Array:
     return x
 
 
-def _is_traced(x: Array) -> bool:
+def is_traced(x: Array) -> bool:
     """True for a JAX tracer (inside jit, grad, vmap, scan): eager arrays loop in Python."""
     import jax
 
@@ -154,7 +154,7 @@ def chunk_scan(xp: Namespace, gates: Array, updates: Array, state: Array) -> tup
     ``grad``, ``vmap``) the same step runs in ``jax.lax.scan``, so the traced program,
     and the compile time, does not grow with N.
     """
-    if array_api_compat.is_jax_array(updates) and _is_traced(updates):
+    if array_api_compat.is_jax_array(updates) and is_traced(updates):
         import jax
         import jax.numpy as jnp
 
@@ -269,7 +269,7 @@ def call_core(fn: Any, arrays: tuple[Any, ...], statics: tuple[Any, ...]) -> Any
     if (
         present
         and array_api_compat.is_jax_array(present[0])
-        and not any(_is_traced(a) for a in present)
+        and not any(is_traced(a) for a in present)
     ):
         jitted = _JITTED.get(fn)
         if jitted is None:

@@ -65,12 +65,12 @@ def _favor_core(
     batch: tuple[int, ...],
 ) -> Array:
     qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
-    qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
     if causal:
-        from .causal import causal_from_parts
+        from .causal import causal_attention
 
-        out, _ = causal_from_parts(xp, qparts, kparts, vc, key_mask, None, batch, chunk)
+        out, _ = causal_attention(xp, qc, kc, vc, w, key_mask, None, kern, scale, batch, chunk)
     else:
+        qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
         qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
         out = _linear_attention(xp, qf, kf, vc)
     return xp.astype(out, v.dtype, copy=False)
