@@ -277,3 +277,24 @@ def test_half_inputs_compute_in_float32(xp, dtype, causal):
     want = fp.favor_attention(*back, causal=causal)
     eps = {"float16": 2**-10, "bfloat16": 2**-7}[dtype]
     close(got, want, 4 * eps)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyperbolic", "relu"])
+@given(p=problems(max_len=40), tokens=st.integers(1, 7))
+def test_cpu_blocks_equal_one_pass(xp, kernel, p, tokens):
+    """On a CPU long inputs run in blocks (running key maximum, rescaled state): same result."""
+    import favorplus._backend as backend
+
+    one, w = run(xp, p, kernel=kernel)
+    batch = np.broadcast_shapes(p.q.shape[:-2], p.k.shape[:-2], p.v.shape[:-2])
+    if p.key_mask is not None:
+        batch = np.broadcast_shapes(batch, p.key_mask.shape[:-1])
+    features = (2 if kernel == "softmax_hyperbolic" else 1) * p.num_features
+    saved = backend.BLOCK_NUMBERS
+    backend.BLOCK_NUMBERS = tokens * max(1, int(np.prod(batch))) * features
+    try:
+        many, _ = run(xp, p, kernel=kernel)
+    finally:
+        backend.BLOCK_NUMBERS = saved
+    close(xp.numpy(many), xp.numpy(one), 1e-10)
+    close(xp.numpy(many), expected(p, w, kernel), 1e-9)

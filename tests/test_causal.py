@@ -232,15 +232,15 @@ def test_decoding_from_first_masked_tokens(xp):
 @given(p=problems(causal=True, max_len=40), chunk=st.integers(1, 6), blocks=st.integers(1, 3))
 def test_cpu_blocks_equal_one_pass(xp, p, chunk, blocks):
     """On a CPU the sequence runs in blocks of whole chunks; the result is the same."""
-    import favorplus.causal as causal
+    import favorplus._backend as backend
 
     one, w = run(xp, p, causal=True, chunk_size=chunk)
     rows = max(1, int(np.prod(np.broadcast_shapes(p.q.shape[:-2], p.k.shape[:-2], p.v.shape[:-2]))))
-    saved = causal._BLOCK_NUMBERS
-    causal._BLOCK_NUMBERS = blocks * chunk * rows * p.num_features  # blocks of `blocks` chunks
+    saved = backend.BLOCK_NUMBERS
+    backend.BLOCK_NUMBERS = blocks * chunk * rows * p.num_features  # blocks of `blocks` chunks
     try:
         many, _ = run(xp, p, causal=True, chunk_size=chunk)
     finally:
-        causal._BLOCK_NUMBERS = saved
+        backend.BLOCK_NUMBERS = saved
     close(xp.numpy(many), xp.numpy(one), 1e-12)
     close(xp.numpy(many), expected(p, w, "softmax", causal=True), 1e-8)

@@ -280,3 +280,34 @@ def call_core(fn: Any, arrays: tuple[Any, ...], statics: tuple[Any, ...]) -> Any
             _JITTED[fn] = jitted
         return jitted(*arrays, *statics)
     return fn(*arrays, *statics)
+
+
+# --- CPU blocking ---------------------------------------------------------------------
+# On a CPU, long sequences are processed in blocks whose (tokens x features)
+# temporaries hold about this many numbers (8 MiB in float32): they stay in cache and
+# in the allocator's reusable memory instead of costing fresh page faults each call.
+BLOCK_NUMBERS = 1 << 21
+
+
+def on_accelerator(x: Array) -> bool:
+    """True for arrays on a GPU (torch CUDA, CuPy, JAX on GPU)."""
+    if array_api_compat.is_cupy_array(x):
+        return True
+    dev = array_api_compat.device(x)
+    return getattr(dev, "type", None) == "cuda" or getattr(dev, "platform", None) in (
+        "gpu",
+        "cuda",
+        "rocm",
+    )
+
+
+def cpu_block(x: Array, numbers_per_token: int, multiple: int = 1) -> int | None:
+    """Block length (a multiple of ``multiple``) for eager CPU arrays; None elsewhere.
+
+    GPUs and traced JAX programs process the whole sequence at once (one program,
+    few kernel launches).
+    """
+    if (array_api_compat.is_jax_array(x) and is_traced(x)) or on_accelerator(x):
+        return None
+    tokens = BLOCK_NUMBERS // max(1, numbers_per_token)
+    return max(multiple, tokens // multiple * multiple)

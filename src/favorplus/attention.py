@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from ._backend import Array, Namespace, call_core
-from ._stabilize import bidirectional_features
+from ._backend import Array, Namespace, call_core, cpu_block, exp, stop_gradient, subtract
+from ._stabilize import NEG_INF, bidirectional_features, query_features
 from ._validation import check_attention_inputs
 from .features import FeatureParts, Kernel, KernelLike, feature_parts, resolve_kernel
 
@@ -70,10 +71,83 @@ def _favor_core(
 
         out, _ = causal_attention(xp, qc, kc, vc, w, key_mask, None, kern, scale, batch, chunk)
     else:
-        qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
-        qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
-        out = _linear_attention(xp, qf, kf, vc)
+        features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
+        block = cpu_block(qc, max(1, math.prod(batch)) * features)
+        if block is None or block >= max(qc.shape[-2], kc.shape[-2]):
+            qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
+            qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
+            out = _linear_attention(xp, qf, kf, vc)
+        else:
+            out = _blocked_attention(xp, qc, kc, vc, w, key_mask, kern, scale, block)
     return xp.astype(out, v.dtype, copy=False)
+
+
+def _blocked_attention(
+    xp: Namespace,
+    q: Array,
+    k: Array,
+    v: Array,
+    w: Array | None,
+    key_mask: Array | None,
+    kern: Kernel,
+    scale: float,
+    block: int,
+) -> Array:
+    """Bidirectional FAVOR+ over blocks of keys, then of queries (CPU fast path).
+
+    The same estimator as one pass: the per-feature key maximum is kept as a running
+    maximum, and the state ``[kf^T v, sum kf]`` is rescaled whenever it grows
+    (online-softmax style), so every exponent stays <= 0; the final maximum is then
+    moved onto the query side exactly as in one pass.
+    """
+    top = None  # running per-feature maximum of the key log-features, (..., 1, Mk)
+    state = None  # (..., M, dv + 1), relative to top
+    shared = False
+    for start in range(0, k.shape[-2], block):
+        stop = min(start + block, k.shape[-2])
+        kparts = feature_parts(xp, k[..., start:stop, :], w, kern, scale, row_constants=True)
+        mask = None if key_mask is None else key_mask[..., start:stop, None]
+        vb = v[..., start:stop, :]
+        if kparts.log is None:
+            kf = kparts.sign if mask is None else xp.where(mask, kparts.sign, 0.0)
+            factor = None
+        else:
+            shared = kparts.shared
+            masked = kparts.log if mask is None else xp.where(mask, kparts.log, NEG_INF)
+            new = xp.max(stop_gradient(masked), axis=-2, keepdims=True)
+            if top is not None:
+                new = xp.maximum(new, top)
+            safe = xp.where(xp.isfinite(new), new, 0.0)
+            factor = None
+            if top is not None:
+                old = xp.where(xp.isfinite(top), top, 0.0)
+                factor = xp.where(xp.isfinite(top), xp.exp(old - safe), 0.0)
+            top = new
+            kf = exp(xp, subtract(xp, masked, safe, owned=True), owned=True)
+            if kparts.sign is not None:
+                kf = kparts.sign * kf
+        kv = xp.matmul(xp.matrix_transpose(kf), vb)
+        ksum = xp.sum(kf, axis=-2)[..., None]
+        if ksum.shape[:-2] != kv.shape[:-2]:
+            ksum = xp.broadcast_to(ksum, (*kv.shape[:-2], *ksum.shape[-2:]))
+        part = xp.concat([kv, ksum], axis=-1)
+        if state is None:
+            state = part
+        else:
+            if factor is not None:
+                state = state * xp.matrix_transpose(factor)
+            state = state + part
+    assert state is not None
+    shift = None
+    if top is not None and not shared:
+        shift = xp.where(xp.isfinite(top), top, 0.0)
+    outs = []
+    for start in range(0, q.shape[-2], block):
+        stop = min(start + block, q.shape[-2])
+        qparts = feature_parts(xp, q[..., start:stop, :], w, kern, scale, row_constants=False)
+        res = xp.matmul(query_features(xp, qparts, shift), state)
+        outs.append(safe_divide(xp, res[..., :-1], res[..., -1:]))
+    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)
 
 
 def favor_attention(

@@ -28,10 +28,11 @@ from ._backend import (
     broadcast_shapes,
     call_core,
     chunk_scan,
+    cpu_block,
     exp,
-    is_traced,
     multiply,
     needs_grad,
+    on_accelerator,
     stop_gradient,
     subtract,
 )
@@ -197,23 +198,11 @@ def _causal_core(
     return out, CausalState(final, prefix[..., n])
 
 
-def _on_accelerator(x: Array) -> bool:
-    """True for arrays on a GPU (torch CUDA, CuPy, JAX on GPU)."""
-    if array_api_compat.is_cupy_array(x):
-        return True
-    dev = array_api_compat.device(x)
-    return getattr(dev, "type", None) == "cuda" or getattr(dev, "platform", None) in (
-        "gpu",
-        "cuda",
-        "rocm",
-    )
-
-
 def _auto_chunk(length: int, like: Array) -> int:
     """Chunk length: 64 on CPU (measured best for m = 256, d = 64 on the benchmark machine);
     on a GPU, longer chunks (up to 256; ~32 of them where that suffices), since each
     chunk costs a few kernel launches and large matrix products are cheap there."""
-    if not _on_accelerator(like):
+    if not on_accelerator(like):
         return DEFAULT_CHUNK
     target = -(-length // 32)
     return min(256, max(DEFAULT_CHUNK, 1 << max(0, target - 1).bit_length()))
@@ -269,12 +258,6 @@ def causal_from_parts(
     return safe_divide(xp, out[..., :-1], out[..., -1:]), new_state
 
 
-# On a CPU the sequence is processed in blocks whose (tokens x features) temporaries
-# hold about this many numbers (8 MiB in float32): they stay in cache and in the
-# allocator's reusable memory instead of costing fresh page faults.
-_BLOCK_NUMBERS = 1 << 21
-
-
 def causal_attention(
     xp: Namespace,
     q: Array,
@@ -296,12 +279,8 @@ def causal_attention(
     """
     length = q.shape[-2]
     chunk = chunk_size if chunk_size is not None else _auto_chunk(length, q)
-    block = length
-    traced = array_api_compat.is_jax_array(q) and is_traced(q)
-    if not traced and not _on_accelerator(q):
-        features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
-        rows = max(1, math.prod(batch)) * features
-        block = max(chunk, (_BLOCK_NUMBERS // rows) // chunk * chunk)
+    features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
+    block = cpu_block(q, max(1, math.prod(batch)) * features, chunk) or length
     outs = []
     for start in range(0, length, block):
         stop = min(start + block, length)
