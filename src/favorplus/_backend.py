@@ -22,20 +22,9 @@ __all__ = [
     "broadcast_shapes",
     "common_namespace",
     "compute_dtype",
-    "describe",
     "chunk_scan",
     "stop_gradient",
 ]
-
-
-def describe(x: Array) -> str:
-    """A short human description of an array: type, shape, dtype and device."""
-    try:
-        dev = array_api_compat.device(x)
-    except Exception:  # pragma: no cover - exotic objects
-        dev = "?"
-    mod = type(x).__module__.split(".")[0]
-    return f"{mod}.{type(x).__name__}(shape={tuple(x.shape)}, dtype={x.dtype}, device={dev})"
 
 
 def common_namespace(**arrays: Array | None) -> Namespace:

@@ -71,8 +71,7 @@ def _favor_core(
 
         out, _ = causal_attention(xp, qc, kc, vc, w, key_mask, None, kern, scale, batch, chunk)
     else:
-        features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
-        block = cpu_block(qc, max(1, math.prod(batch)) * features)
+        block = block_length(qc, batch, kern, w)
         if block is None or block >= max(qc.shape[-2], kc.shape[-2]):
             qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
             qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
@@ -80,6 +79,14 @@ def _favor_core(
         else:
             out = _blocked_attention(xp, qc, kc, vc, w, key_mask, kern, scale, block)
     return xp.astype(out, v.dtype, copy=False)
+
+
+def block_length(
+    x: Array, batch: tuple[int, ...], kern: Kernel, w: Array | None, multiple: int = 1
+) -> int | None:
+    """Tokens per CPU block for inputs like ``x`` (None: no blocking, see cpu_block)."""
+    features = kern.num_features(w.shape[0] if w is not None else x.shape[-1])
+    return cpu_block(x, max(1, math.prod(batch)) * features, multiple)
 
 
 def _blocked_attention(
@@ -126,11 +133,7 @@ def _blocked_attention(
             kf = exp(xp, subtract(xp, masked, safe, owned=True), owned=True)
             if kparts.sign is not None:
                 kf = kparts.sign * kf
-        kv = xp.matmul(xp.matrix_transpose(kf), vb)
-        ksum = xp.sum(kf, axis=-2)[..., None]
-        if ksum.shape[:-2] != kv.shape[:-2]:
-            ksum = xp.broadcast_to(ksum, (*kv.shape[:-2], *ksum.shape[-2:]))
-        part = xp.concat([kv, ksum], axis=-1)
+        part = _key_state(xp, kf, vb)
         if state is None:
             state = part
         else:
@@ -145,8 +148,7 @@ def _blocked_attention(
     for start in range(0, q.shape[-2], block):
         stop = min(start + block, q.shape[-2])
         qparts = feature_parts(xp, q[..., start:stop, :], w, kern, scale, row_constants=False)
-        res = xp.matmul(query_features(xp, qparts, shift), state)
-        outs.append(safe_divide(xp, res[..., :-1], res[..., -1:]))
+        outs.append(_read_state(xp, query_features(xp, qparts, shift), state))
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)
 
 
@@ -232,15 +234,25 @@ def favor_attention(
     return call_core(_favor_core, (q, k, v, projection, key_mask), statics)
 
 
-def _linear_attention(xp: Namespace, qf: Array, kf: Array, v: Array) -> Array:
-    """``D^-1 qf (kf^T [v, 1])`` without any L x L array."""
+def _key_state(xp: Namespace, kf: Array, v: Array) -> Array:
+    """``kf^T [v, 1]``, shape (..., M, dv + 1): the numerator and normaliser states."""
     kv = xp.matmul(xp.matrix_transpose(kf), v)
     ksum = xp.sum(kf, axis=-2)[..., None]
     batch = kv.shape[:-2]
     if ksum.shape[:-2] != batch:
         ksum = xp.broadcast_to(ksum, (*batch, *ksum.shape[-2:]))
-    out = xp.matmul(qf, xp.concat([kv, ksum], axis=-1))
+    return xp.concat([kv, ksum], axis=-1)
+
+
+def _read_state(xp: Namespace, qf: Array, state: Array) -> Array:
+    """``D^-1 qf state``: outputs from query features and a key state."""
+    out = xp.matmul(qf, state)
     return safe_divide(xp, out[..., :-1], out[..., -1:])
+
+
+def _linear_attention(xp: Namespace, qf: Array, kf: Array, v: Array) -> Array:
+    """``D^-1 qf (kf^T [v, 1])`` without any L x L array."""
+    return _read_state(xp, qf, _key_state(xp, kf, v))
 
 
 def favor_attention_matrix(

@@ -16,7 +16,6 @@ O(L (m + d) + L C + (L / C) m d).
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -28,7 +27,6 @@ from ._backend import (
     broadcast_shapes,
     call_core,
     chunk_scan,
-    cpu_block,
     exp,
     multiply,
     needs_grad,
@@ -37,7 +35,7 @@ from ._backend import (
     subtract,
 )
 from ._stabilize import NEG_INF, query_features
-from .attention import _cast_inputs, _parts, safe_divide
+from .attention import _cast_inputs, _parts, block_length, safe_divide
 from .features import FeatureParts, KernelLike, resolve_kernel
 
 __all__ = ["CausalState", "favor_attention_step", "init_causal_state"]
@@ -229,11 +227,10 @@ def causal_from_parts(
     key_mask: Array | None,
     state: CausalState | None,
     batch: tuple[int, ...],
-    chunk_size: int | None,
+    chunk: int,
 ) -> tuple[Array, CausalState]:
     """Broadcast to the full batch, build the state if needed and run the chunked core."""
     qf = query_features(xp, qparts)
-    length = qf.shape[-2]
     num_features = qf.shape[-1]
 
     def full(x: Array | None, tail: int) -> Array | None:
@@ -253,7 +250,6 @@ def causal_from_parts(
         )
     else:
         state = CausalState(full(state.numerator, 2), full(state.log_scale, 0))
-    chunk = chunk_size if chunk_size is not None else _auto_chunk(length, qf)
     out, new_state = _causal_core(xp, qf, lk, sk, mask, v, state, chunk)
     return safe_divide(xp, out[..., :-1], out[..., -1:]), new_state
 
@@ -279,8 +275,7 @@ def causal_attention(
     """
     length = q.shape[-2]
     chunk = chunk_size if chunk_size is not None else _auto_chunk(length, q)
-    features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
-    block = cpu_block(q, max(1, math.prod(batch)) * features, chunk) or length
+    block = block_length(q, batch, kern, w, chunk) or length
     outs = []
     for start in range(0, length, block):
         stop = min(start + block, length)
