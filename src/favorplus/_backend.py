@@ -8,6 +8,7 @@ Everything here is array API only, except :func:`stop_gradient` and
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,49 @@ __all__ = [
 ]
 
 
+# --- array kinds ----------------------------------------------------------------------
+# Plain isinstance checks against already-imported libraries: cheap, and traceable by
+# torch.compile (array-api-compat's cached helpers make dynamo warn on every call).
+
+
+def _instance(x: Any, module: str, attr: str) -> bool:
+    mod = sys.modules.get(module)
+    return mod is not None and isinstance(x, getattr(mod, attr))
+
+
+def is_torch(x: Any) -> bool:
+    """True for a torch.Tensor."""
+    return _instance(x, "torch", "Tensor")
+
+
+def is_jax(x: Any) -> bool:
+    """True for a JAX array or tracer (tracers are jax.Array instances)."""
+    return _instance(x, "jax", "Array")
+
+
+def is_cupy(x: Any) -> bool:
+    """True for a CuPy array."""
+    return _instance(x, "cupy", "ndarray")
+
+
+def is_numpy(x: Any) -> bool:
+    """True for a NumPy array."""
+    return _instance(x, "numpy", "ndarray")
+
+
+def device(x: Array) -> Any:
+    """The device of ``x`` (None for a JAX tracer whose device is not known)."""
+    if is_torch(x):
+        return x.device
+    return array_api_compat.device(x)
+
+
+def _torch_namespace() -> Namespace:
+    import array_api_compat.torch as torch_namespace
+
+    return torch_namespace
+
+
 def common_namespace(**arrays: Array | None) -> Namespace:
     """Return the array API namespace shared by all named arrays.
 
@@ -35,6 +79,8 @@ def common_namespace(**arrays: Array | None) -> Namespace:
     ``ValueError`` when they live on different devices.
     """
     named = {k: v for k, v in arrays.items() if v is not None}
+    if named and all(is_torch(v) for v in named.values()):
+        return _check_devices(_torch_namespace(), named)
     spaces: dict[str, Namespace] = {}
     for name, value in named.items():
         try:
@@ -50,9 +96,13 @@ def common_namespace(**arrays: Array | None) -> Namespace:
             f"{k}: {type(named[k]).__module__}.{type(named[k]).__name__}" for k in named
         )
         raise TypeError(f"all arrays must come from the same array library; got {parts}")
-    xp = next(iter(spaces.values()))
+    return _check_devices(next(iter(spaces.values())), named)
+
+
+def _check_devices(xp: Namespace, named: dict[str, Array]) -> Namespace:
+    """``xp``, after checking that all named arrays are on one device."""
     # Under tracing (jax.jit, vmap, grad) an array's device may be unknown (None): skip it.
-    devices = {name: array_api_compat.device(value) for name, value in named.items()}
+    devices = {name: device(value) for name, value in named.items()}
     devices = {name: dev for name, dev in devices.items() if dev is not None}
     if not devices:
         return xp
@@ -84,7 +134,9 @@ def check_float(xp: Namespace, name: str, x: Array) -> None:
 
 def compute_dtype(xp: Namespace, *xs: Array) -> Any:
     """The dtype to compute in: the promoted input dtype, at least float32."""
-    dtype = xp.result_type(*xs)
+    dtypes = [x.dtype for x in xs]
+    # Equal dtypes need no promotion call (which torch.compile cannot trace).
+    dtype = dtypes[0] if all(d == dtypes[0] for d in dtypes) else xp.result_type(*dtypes)
     if is_half(xp, dtype):
         dtype = xp.float32
     return dtype
@@ -116,9 +168,9 @@ def stop_gradient(x: Array) -> Array:
     Stabilizing constants cancel exactly in the attention ratio, so their true
     gradient is zero; cutting them out of the graph saves work and rounding.
     """
-    if array_api_compat.is_torch_array(x):
+    if is_torch(x):
         return x.detach()
-    if array_api_compat.is_jax_array(x):
+    if is_jax(x):
         import jax
 
         return jax.lax.stop_gradient(x)
@@ -143,7 +195,7 @@ def chunk_scan(xp: Namespace, gates: Array, updates: Array, state: Array) -> tup
     ``grad``, ``vmap``) the same step runs in ``jax.lax.scan``, so the traced program,
     and the compile time, does not grow with N.
     """
-    if array_api_compat.is_jax_array(updates) and is_traced(updates):
+    if is_jax(updates) and is_traced(updates):
         import jax
         import jax.numpy as jnp
 
@@ -186,9 +238,9 @@ def _fits(x: Array, y: Array | float) -> bool:
 
 
 def _mutable(x: Array) -> str | None:
-    if array_api_compat.is_numpy_array(x):
+    if is_numpy(x):
         return "numpy" if x.flags.writeable and x.flags.c_contiguous else None
-    if array_api_compat.is_torch_array(x):
+    if is_torch(x):
         # Autograd allows in-place steps on non-leaf tensors that no backward needs:
         # callers pass owned=True only for such temporaries (see needs_grad).
         ok = x.is_contiguous() and not (x.requires_grad and x.is_leaf)
@@ -198,7 +250,7 @@ def _mutable(x: Array) -> str | None:
 
 def needs_grad(x: Array) -> bool:
     """True for a tensor that autograd tracks (it may be saved for a backward pass)."""
-    return bool(array_api_compat.is_torch_array(x) and x.requires_grad)
+    return bool(is_torch(x) and x.requires_grad)
 
 
 def _binary(x: Array, y: Array | float, owned: bool, name: str, op: Any) -> Array:
@@ -257,7 +309,7 @@ def call_core(fn: Any, arrays: tuple[Any, ...], statics: tuple[Any, ...]) -> Any
     present = [a for a in arrays if a is not None]
     if (
         present
-        and array_api_compat.is_jax_array(present[0])
+        and is_jax(present[0])
         and not any(is_traced(a) for a in present)
     ):
         jitted = _JITTED.get(fn)
@@ -280,9 +332,9 @@ BLOCK_NUMBERS = 1 << 21
 
 def on_accelerator(x: Array) -> bool:
     """True for arrays on a GPU (torch CUDA, CuPy, JAX on GPU)."""
-    if array_api_compat.is_cupy_array(x):
+    if is_cupy(x):
         return True
-    dev = array_api_compat.device(x)
+    dev = device(x)
     return getattr(dev, "type", None) == "cuda" or getattr(dev, "platform", None) in (
         "gpu",
         "cuda",
@@ -296,7 +348,7 @@ def cpu_block(x: Array, numbers_per_token: int, multiple: int = 1) -> int | None
     GPUs and traced JAX programs process the whole sequence at once (one program,
     few kernel launches).
     """
-    if (array_api_compat.is_jax_array(x) and is_traced(x)) or on_accelerator(x):
+    if (is_jax(x) and is_traced(x)) or on_accelerator(x):
         return None
     tokens = BLOCK_NUMBERS // max(1, numbers_per_token)
     return max(multiple, tokens // multiple * multiple)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._backend import Array, Namespace, call_core, cpu_block, exp, stop_gradient, subtract
+from ._backend import (
+    Array,
+    Namespace,
+    call_core,
+    cpu_block,
+    device,
+    exp,
+    stop_gradient,
+    subtract,
+)
 from ._stabilize import NEG_INF, bidirectional_features, query_features
 from ._validation import check_attention_inputs
 from .features import FeatureParts, Kernel, KernelLike, feature_parts, resolve_kernel
@@ -300,9 +309,7 @@ def favor_attention_matrix(
 
 
 def _tril(xp: Namespace, rows: int, cols: int, like: Array) -> Array:
-    import array_api_compat
-
-    dev = array_api_compat.device(like)
+    dev = device(like)
     i = xp.arange(rows, device=dev)[:, None]
     j = xp.arange(cols, device=dev)[None, :]
     return j <= i

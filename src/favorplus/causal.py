@@ -19,14 +19,13 @@ from __future__ import annotations
 import numbers
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from ._backend import (
     Array,
     Namespace,
     broadcast_shapes,
     call_core,
     chunk_scan,
+    device,
     exp,
     multiply,
     needs_grad,
@@ -79,7 +78,7 @@ def _floor(xp: Namespace, dtype: Any) -> float:
 def _pad(xp: Namespace, x: Array, pad: int, axis: int, value: Any = 0) -> Array:
     shape = list(x.shape)
     shape[axis] = pad
-    dev = array_api_compat.device(x)
+    dev = device(x)
     filler = xp.full(tuple(shape), value, dtype=x.dtype, device=dev)
     return xp.concat([x, filler], axis=axis)
 
@@ -87,7 +86,7 @@ def _pad(xp: Namespace, x: Array, pad: int, axis: int, value: Any = 0) -> Array:
 def _masked_running_max(xp: Namespace, x: Array, floor: float) -> Array:
     """Inclusive running maximum along the last axis (size n) through an n x n masked max."""
     n = x.shape[-1]
-    idx = xp.arange(n, device=array_api_compat.device(x))
+    idx = xp.arange(n, device=device(x))
     tri = idx[None, :] <= idx[:, None]
     return xp.max(xp.where(tri, x[..., None, :], floor), axis=-1)
 
@@ -109,7 +108,7 @@ def _running_max(xp: Namespace, x: Array, floor: float) -> Array:
     upto = _masked_running_max(xp, inside[..., -1], floor)  # (..., rows): through row r
     earlier = xp.concat(
         [
-            xp.full((*upto.shape[:-1], 1), floor, dtype=x.dtype, device=array_api_compat.device(x)),
+            xp.full((*upto.shape[:-1], 1), floor, dtype=x.dtype, device=device(x)),
             upto[..., :-1],
         ],
         axis=-1,
@@ -136,7 +135,7 @@ def _causal_core(
     """
     *batch, length, _ = qf.shape
     dt = qf.dtype
-    dev = array_api_compat.device(qf)
+    dev = device(qf)
     floor = _floor(xp, dt)
     size = max(1, min(chunk, length))
     n = -(-length // size)
@@ -246,7 +245,7 @@ def causal_from_parts(
     mask = full(key_mask, 1)
     if state is None:
         state = _empty_state(
-            xp, batch, num_features, v.shape[-1], qf.dtype, array_api_compat.device(qf)
+            xp, batch, num_features, v.shape[-1], qf.dtype, device(qf)
         )
     else:
         state = CausalState(full(state.numerator, 2), full(state.log_scale, 0))
@@ -337,7 +336,7 @@ def init_causal_state(
         kern.num_features(projection.shape[0]),
         int(value_dim),
         dt,
-        array_api_compat.device(projection),
+        device(projection),
     )
 
 
