@@ -342,13 +342,18 @@ def on_accelerator(x: Array) -> bool:
     )
 
 
+def _torch_compiling(x: Array) -> bool:
+    """True while torch.compile traces ``x`` (a Python loop over blocks would be unrolled)."""
+    return is_torch(x) and sys.modules["torch"].compiler.is_compiling()
+
+
 def cpu_block(x: Array, numbers_per_token: int, multiple: int = 1) -> int | None:
     """Block length (a multiple of ``multiple``) for eager CPU arrays; None elsewhere.
 
-    GPUs and traced JAX programs process the whole sequence at once (one program,
-    few kernel launches).
+    GPUs, traced JAX programs and torch.compile graphs process the whole sequence at
+    once (one program, few kernel launches).
     """
-    if (is_jax(x) and is_traced(x)) or on_accelerator(x):
+    if (is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_compiling(x):
         return None
     tokens = BLOCK_NUMBERS // max(1, numbers_per_token)
     return max(multiple, tokens // multiple * multiple)

@@ -1,0 +1,12 @@
+"""Root pytest configuration: skip the doctests of framework adapters whose framework
+is not installed (each nox session installs one backend)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+collect_ignore = [
+    f"src/favorplus/{module}.py"
+    for module, needs in (("torch", "torch"), ("flax", "flax"))
+    if importlib.util.find_spec(needs) is None
+]
