@@ -26,7 +26,7 @@ BACKENDS = {
     "strict": ("test,strict", {}),
     "torch": ("test,torch", {}),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short.
-    "jax": ("test,jax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
+    "jax": ("test,jax,flax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
     "cupy": ("test,cupy", {}),
 }
 
