@@ -273,9 +273,7 @@ def test_sdpa_grouped_query_heads():
     k, v = _x((2, 2, 10, 8), seed=1), _x((2, 2, 10, 4), seed=2)
     w = fp.draw_projection(16, 8, seed=0, like=q)
     out = scaled_dot_product_attention(q, k, v, enable_gqa=True, projection=w)
-    rep = fp.favor_attention(
-        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), w
-    )
+    rep = fp.favor_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), w)
     torch.testing.assert_close(out, rep)
 
 

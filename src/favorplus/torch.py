@@ -268,7 +268,9 @@ class FavorAttention(nn.Module):
             or not isinstance(redraw_interval, numbers.Integral)
             or redraw_interval < 1
         ):
-            raise ValueError(f"redraw_interval must be a positive int or None; got {redraw_interval!r}")
+            raise ValueError(
+                f"redraw_interval must be a positive int or None; got {redraw_interval!r}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = embed_dim if kdim is None else kdim
