@@ -54,7 +54,7 @@ for _name, (_extras, _env) in BACKENDS.items():
 def lint(session: nox.Session) -> None:
     """ruff check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "conftest.py", "noxfile.py")
 
 
 @nox.session
