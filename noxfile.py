@@ -54,7 +54,8 @@ for _name, (_extras, _env) in BACKENDS.items():
 def lint(session: nox.Session) -> None:
     """ruff check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "conftest.py", "noxfile.py")
+    paths = ["src", "tests", "benchmarks", "examples", "docs", "conftest.py", "noxfile.py"]
+    session.run("ruff", "check", *paths)
 
 
 @nox.session
@@ -69,3 +70,23 @@ def bench(session: nox.Session) -> None:
     """The benchmarks (with performer-pytorch for the comparisons). Pass --quick for a short run."""
     session.install(*CONSTRAINTS, "-e", ".[all]", "performer-pytorch", "psutil")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/, warnings as errors (mkdocs --strict)."""
+    session.install(*CONSTRAINTS, "-e", ".[all]")
+    session.install("-r", str(ROOT / "docs" / "requirements.txt"))
+    # NO_MKDOCS_2_WARNING: mkdocs-material prints a banner about MkDocs 2.0 and its own
+    # end of life (May 2027) on every build; the versions are pinned in docs/requirements.txt.
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--config-file",
+        str(ROOT / "mkdocs.yml"),
+        "--site-dir",
+        str(ROOT / "site"),
+        *session.posargs,
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )

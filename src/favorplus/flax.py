@@ -9,7 +9,6 @@ Importing this module imports jax and flax.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -20,7 +19,7 @@ from flax import nnx
 
 from .attention import favor_attention
 from .features import KernelLike
-from .projection import draw_projection
+from .projection import default_num_features, draw_projection
 
 __all__ = ["FavorAttention", "FeatureProjection", "redraw_projections"]
 
@@ -50,11 +49,6 @@ def _host_generator(source: Any) -> np.random.Generator:
         "key must be a JAX PRNG key, an int seed or a numpy.random.Generator; got "
         f"{type(source).__name__}"
     )
-
-
-def default_num_features(head_dim: int) -> int:
-    """``round(d log d)`` random features per head (at least d), the paper's choice."""
-    return max(head_dim, round(head_dim * math.log(head_dim))) if head_dim > 1 else 1
 
 
 class FavorAttention(nnx.Module):

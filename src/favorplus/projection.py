@@ -68,6 +68,15 @@ def _default_float(ns: Namespace) -> Any:
         return ns.asarray(0.0).dtype
 
 
+def default_num_features(head_dim: int) -> int:
+    """``round(d ln d)`` random features per head (at least d).
+
+    The Performer paper's bounds need m = Theta(d log d) features; round(d ln d) is also
+    performer-pytorch's default.
+    """
+    return max(head_dim, round(head_dim * math.log(head_dim))) if head_dim > 1 else 1
+
+
 def draw_projection(
     num_features: int,
     dim: int,

@@ -19,7 +19,6 @@ inputs, and returns the input's dtype.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch.nn import functional as F
 
 from .attention import favor_attention
 from .features import KernelLike
-from .projection import draw_projection
+from .projection import default_num_features, draw_projection
 
 __all__ = ["FavorAttention", "redraw_projections", "scaled_dot_product_attention"]
 
@@ -180,11 +179,6 @@ def _generator(seed: Seed) -> np.random.Generator:
             f"seed must be an int, a numpy.random.Generator or None; got {type(seed).__name__}"
         )
     return np.random.default_rng(seed)
-
-
-def default_num_features(head_dim: int) -> int:
-    """``round(d log d)`` random features per head (at least d), the paper's choice."""
-    return max(head_dim, round(head_dim * math.log(head_dim))) if head_dim > 1 else 1
 
 
 class FavorAttention(nn.Module):
