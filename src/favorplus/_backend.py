@@ -300,18 +300,15 @@ _JITTED: dict[Any, Any] = {}
 
 
 def call_core(fn: Any, arrays: tuple[Any, ...], statics: tuple[Any, ...]) -> Any:
-    """``fn(*arrays, *statics)``; for eager (untraced) JAX arrays, as one ``jax.jit`` program.
+    """``fn(*arrays, *statics)``; for JAX arrays, as one ``jax.jit`` program.
 
     Op-by-op JAX dispatch compiles every primitive for every new shape; one compiled
-    program per call signature is several times faster to compile and to run. Inside
-    the caller's own jit, grad or vmap the function is simply traced.
+    program per call signature is several times faster to compile and to run. Under
+    an eager ``jax.grad`` or ``vmap`` the call is still one compiled program; inside
+    the caller's own ``jit`` the nested jit is simply inlined.
     """
     present = [a for a in arrays if a is not None]
-    if (
-        present
-        and is_jax(present[0])
-        and not any(is_traced(a) for a in present)
-    ):
+    if present and is_jax(present[0]):
         jitted = _JITTED.get(fn)
         if jitted is None:
             import jax
