@@ -4,7 +4,9 @@ lint, the demo and the benchmarks.
     nox -t tests             # the whole backend test matrix (what CI runs)
     nox -s tests-torch       # one backend
     nox -s lint
-    nox -s bench -- --quick  # every benchmark, quick mode
+    nox -s bench -- --quick  # every benchmark, quick mode (what CI runs)
+    nox -s bench -- fig4     # one benchmark, full size
+    nox -s docs              # the documentation site, warnings as errors
 """
 
 from __future__ import annotations
@@ -65,11 +67,32 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "favorplus", *session.posargs)
 
 
+# benchmarks/run.py: the speed and memory goals; benchmarks/paper.py: the paper's figures.
+RUN_BENCHES = ("bidirectional", "causal")
+PAPER_FIGURES = ("fig2", "fig3", "fig4", "peers")
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks (with performer-pytorch for the comparisons). Pass --quick for a short run."""
-    session.install(*CONSTRAINTS, "-e", ".[all]", "performer-pytorch", "psutil")
-    session.run("python", "benchmarks/run.py", *session.posargs)
+    """The benchmarks: `nox -s bench -- [NAME ...] [--quick]`.
+
+    NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
+    (benchmarks/paper.py); none: all of them. --quick: small sizes (each under a
+    minute, written to benchmarks/results/quick/ so that committed results stay).
+    """
+    session.install(
+        *CONSTRAINTS, "-e", ".[torch,jax,strict]", "performer-pytorch", "psutil", "matplotlib"
+    )
+    known = RUN_BENCHES + PAPER_FIGURES
+    names = [a for a in session.posargs if a in known] or list(known)
+    options = [a for a in session.posargs if a not in known]  # e.g. --quick, --cap 2
+    run = [n for n in names if n in RUN_BENCHES]
+    if run:
+        quick = "--quick" in options
+        out = ["--out", str(ROOT / "benchmarks" / "results" / "quick")] if quick else []
+        session.run("python", "benchmarks/run.py", *run, *options, *out)
+    for figure in (n for n in names if n in PAPER_FIGURES):
+        session.run("python", "benchmarks/paper.py", figure, *options)
 
 
 @nox.session
