@@ -878,6 +878,17 @@ def fig3(args: argparse.Namespace) -> dict[str, Any]:
     return {"result": result, "figure": plot_fig3(result)}
 
 
+def _log_log_axes(ax: Any, ylabel: str, title: str) -> None:
+    """Log-log axes against the sequence length, with a grid and a small legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+
+
 def plot_fig3(result: dict[str, Any]) -> Any:
     plt = pyplot()
     rows = result["rows"]
@@ -952,13 +963,11 @@ def plot_fig3(result: dict[str, Any]) -> Any:
                 color="grey",
                 label="open circle: one cold call (too slow to repeat)",
             )
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length L")
-            ax.set_ylabel("seconds (best of repeats)")
-            ax.set_title(f"{backend}: {'forward' if mode == 'fwd' else 'forward + backward'}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left")
+            _log_log_axes(
+                ax,
+                "seconds (best of repeats)",
+                f"{backend}: {'forward' if mode == 'fwd' else 'forward + backward'}",
+            )
         ax = axrow[2]
         for impl in FIG3_IMPLS:
             for mode, ls in (("fwd", "-"), ("fwd+bwd", "--")):
@@ -997,13 +1006,11 @@ def plot_fig3(result: dict[str, Any]) -> Any:
                 color="grey",
                 label="x: XLA memory_analysis, temp + output",
             )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel("peak extra RSS of one call (MiB)")
-        ax.set_title(f"{backend}: peak memory (values below ~10 MiB are noise)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        _log_log_axes(
+            ax,
+            "peak extra RSS of one call (MiB)",
+            f"{backend}: peak memory (values below ~10 MiB are noise)",
+        )
     threads = setup.get("threads") or "default"
     fig.suptitle(
         f"Exact attention vs FAVOR+ on CPU: batch 1, {setup['heads']} heads, d={setup['d']}, "
