@@ -184,39 +184,50 @@ def is_traced(x: Array) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def chunk_scan(xp: Namespace, gates: Array, updates: Array, state: Array) -> tuple[Array, Array]:
-    """The state recurrence of chunked causal linear attention.
+def chunk_scan(
+    xp: Namespace, gates: Array, updates: Array, state: Array, queries: Array
+) -> tuple[Array, Array]:
+    """The state recurrence of chunked causal linear attention, read by each chunk.
 
     ``S_0 = state`` and ``S_{n+1} = gates_n * S_n + updates_n`` for the N chunks
     along axis -3 of ``updates`` (shape (..., N, P, Q); ``gates`` (..., N); ``state``
-    (..., P, Q)). Returns the states before each chunk, (..., N, P, Q), and the final
-    one. N is the number of chunks, not of tokens. The generic path loops over the
-    chunks with small elementwise steps; for traced JAX arrays (under ``jax.jit``,
-    ``grad``, ``vmap``) the same step runs in ``jax.lax.scan``, so the traced program,
-    and the compile time, does not grow with N.
+    (..., P, Q)). Returns ``queries_n @ S_n`` for every chunk, (..., N, C, Q) for
+    ``queries`` of shape (..., N, C, P), and the final state. N is the number of
+    chunks, not of tokens.
+
+    The states themselves, (..., N, P, Q), are never stacked: each is read by its
+    chunk's queries as soon as it exists (less memory and memory traffic than one
+    big batched product when P > C). The generic path loops over the chunks; for
+    traced JAX arrays (under ``jax.jit``, ``grad``, ``vmap``) the same step runs in
+    ``jax.lax.scan``, so the traced program, and the compile time, does not grow
+    with N.
     """
     if is_jax(updates) and is_traced(updates):
         import jax
         import jax.numpy as jnp
 
-        def body(s: Array, xs: tuple[Array, Array]) -> tuple[Array, Array]:
-            g, u = xs
-            return g[..., None, None] * s + u, s
+        def body(s: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+            g, u, qn = xs
+            return g[..., None, None] * s + u, jnp.matmul(qn, s)
 
-        xs = (jnp.moveaxis(gates, -1, 0), jnp.moveaxis(updates, -3, 0))
-        final, before = jax.lax.scan(body, state, xs)
-        return jnp.moveaxis(before, 0, -3), final
+        xs = (
+            jnp.moveaxis(gates, -1, 0),
+            jnp.moveaxis(updates, -3, 0),
+            jnp.moveaxis(queries, -3, 0),
+        )
+        final, reads = jax.lax.scan(body, state, xs)
+        return jnp.moveaxis(reads, 0, -3), final
     # unstack, not indexing in the loop: the backward of N indexings would build N
     # full-size gradients (quadratic in N); that of one unstack is one stack.
     gate_list = xp.unstack(gates[..., None, None], axis=-3)
     update_list = xp.unstack(updates, axis=-3)
-    before = [state]
+    query_list = xp.unstack(queries, axis=-3)
+    reads = []
     s = state
-    for g, u in zip(gate_list[:-1], update_list[:-1]):
+    for g, u, qn in zip(gate_list, update_list, query_list):
+        reads.append(xp.matmul(qn, s))
         s = add(xp, multiply(xp, s, g, owned=False), u, owned=True)
-        before.append(s)
-    final = gate_list[-1] * s + update_list[-1]
-    return xp.stack(before, axis=-3), final
+    return xp.stack(reads, axis=-3), s
 
 
 # --- In-place fast path -------------------------------------------------------------

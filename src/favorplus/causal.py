@@ -188,8 +188,7 @@ def _causal_core(
     after = prefix[..., 1:]
     scaled_v = vc * xp.exp(c - after[..., None])[..., None]
     updates = xp.matmul(xp.matrix_transpose(kh), scaled_v)  # (B, n, M, dv + 1)
-    states, final = chunk_scan(xp, xp.exp(before - after), updates, state.numerator)
-    inter = xp.matmul(qc, states)
+    inter, final = chunk_scan(xp, xp.exp(before - after), updates, state.numerator, qc)
     out = out + xp.exp(before[..., None] - c)[..., None] * inter
     out = xp.reshape(out, (*batch, n * size, vp.shape[-1]))[..., :length, :]
     return out, CausalState(final, prefix[..., n])
