@@ -148,6 +148,19 @@ def test_chunk_size_never_changes_the_result(xp, p, chunks):
         close(o, outs[0], 1e-10)
 
 
+@given(p=problems(causal=True, max_len=40), chunk=st.integers(1, 9))
+def test_accelerator_scan_equals_cpu_scan(xp, p, chunk):
+    """The chunk recurrence's two forms (the states stacked and read by one product, on
+    GPUs; each state read by its chunk at once, on CPUs) give the same output."""
+    from favorplus import _backend
+
+    cpu = xp.numpy(run(xp, p, causal=True, chunk_size=chunk)[0])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_backend, "on_accelerator", lambda x: True)
+        gpu = xp.numpy(run(xp, p, causal=True, chunk_size=chunk)[0])
+    close(gpu, cpu, 1e-10)
+
+
 @given(p=problems(causal=True, max_len=30), data=st.data())
 def test_decoding_equals_full_call(xp, p, data):
     """Token by token, and in blocks of random sizes, with the state carried along."""

@@ -195,36 +195,39 @@ def chunk_scan(
     ``queries`` of shape (..., N, C, P), and the final state. N is the number of
     chunks, not of tokens.
 
-    The states themselves, (..., N, P, Q), are never stacked: each is read by its
-    chunk's queries as soon as it exists (less memory and memory traffic than one
-    big batched product when P > C). The generic path loops over the chunks; for
-    traced JAX arrays (under ``jax.jit``, ``grad``, ``vmap``) the same step runs in
-    ``jax.lax.scan``, so the traced program, and the compile time, does not grow
-    with N.
+    Eager CPU arrays: each state is read by its chunk's queries as soon as it exists,
+    so the N states are never stacked (less memory and copying). GPUs and
+    torch.compile graphs: the states are stacked and read by one batched product
+    (fewer kernel launches; measured faster on an H200). Traced JAX arrays (under
+    ``jax.jit``, ``grad``, ``vmap``): the recurrence runs in ``jax.lax.scan``, so the
+    traced program, and the compile time, does not grow with N.
     """
     if is_jax(updates) and is_traced(updates):
         import jax
         import jax.numpy as jnp
 
-        def body(s: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
-            g, u, qn = xs
-            return g[..., None, None] * s + u, jnp.matmul(qn, s)
+        def body(s: Array, xs: tuple[Array, Array]) -> tuple[Array, Array]:
+            g, u = xs
+            return g[..., None, None] * s + u, s
 
-        xs = (
-            jnp.moveaxis(gates, -1, 0),
-            jnp.moveaxis(updates, -3, 0),
-            jnp.moveaxis(queries, -3, 0),
-        )
-        final, reads = jax.lax.scan(body, state, xs)
-        return jnp.moveaxis(reads, 0, -3), final
+        xs = (jnp.moveaxis(gates, -1, 0), jnp.moveaxis(updates, -3, 0))
+        final, before = jax.lax.scan(body, state, xs)
+        return jnp.matmul(queries, jnp.moveaxis(before, 0, -3)), final
     # unstack, not indexing in the loop: the backward of N indexings would build N
     # full-size gradients (quadratic in N); that of one unstack is one stack.
     gate_list = xp.unstack(gates[..., None, None], axis=-3)
     update_list = xp.unstack(updates, axis=-3)
-    query_list = xp.unstack(queries, axis=-3)
+    if on_accelerator(updates) or _torch_compiling(updates):
+        before = [state]
+        s = state
+        for g, u in zip(gate_list[:-1], update_list[:-1]):
+            s = add(xp, multiply(xp, s, g, owned=False), u, owned=True)
+            before.append(s)
+        final = gate_list[-1] * s + update_list[-1]
+        return xp.matmul(queries, xp.stack(before, axis=-3)), final
     reads = []
     s = state
-    for g, u, qn in zip(gate_list, update_list, query_list):
+    for g, u, qn in zip(gate_list, update_list, xp.unstack(queries, axis=-3)):
         reads.append(xp.matmul(qn, s))
         s = add(xp, multiply(xp, s, g, owned=False), u, owned=True)
     return xp.stack(reads, axis=-3), s
