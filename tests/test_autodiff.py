@@ -175,3 +175,110 @@ def test_torch_decoding_step_compiles():
         o, state = compiled(tq[:, t : t + 1], tk[:, t : t + 1], tv[:, t : t + 1], state)
         outs.append(o)
     np.testing.assert_allclose(torch.cat(outs, 1).numpy(), full.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# --- CPU blocks under torch autograd: recomputation, split blocks, torch.func -------------
+
+
+@pytest.fixture(params=["blocks", "one block"])
+def blocks(request, monkeypatch):
+    """CPU blocks of a few tokens (12 under autograd: 3 blocks of up to 3 chunks,
+    recomputed in the backward pass in causal mode), or one block for the whole
+    sequence (no recomputation: autograd's own checks see every in-place step)."""
+    from favorplus import _backend
+
+    size = 4 * 12 * 2 * 20 if request.param == "blocks" else 1 << 30  # 48 tokens of 2 x 20
+    monkeypatch.setattr(_backend, "BLOCK_NUMBERS", size)
+    return request.param
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("which", ["q", "k", "v", "projection", "all"])
+def test_torch_blocked_gradients_of_each_input(blocks, monkeypatch, causal, which):
+    """Gradients with respect to any subset of the inputs (here one, or all), through
+    several CPU blocks (recomputed in the backward pass when causal), equal those of
+    the quadratic form: nothing that autograd needs is changed in place, and each
+    block's recomputation reproduces what its forward pass saved."""
+    torch = pytest.importorskip("torch")
+    from favorplus import causal as causal_module
+
+    recomputed = _count_calls(monkeypatch, causal_module, "recompute")
+    q, k, v, mask, w = _problem(L=30, m=20, seed=4)
+    mask[:, 0] = True
+    names = ["q", "k", "v", "projection"]
+    grad = {n: which in (n, "all") for n in names}
+    tq, tk, tv, tw = (torch.tensor(a, requires_grad=grad[n]) for n, a in zip(names, (q, k, v, w)))
+    tm = torch.tensor(mask)
+    wanted = [t for t, n in zip((tq, tk, tv, tw), names) if grad[n]]
+    g = torch.tensor(np.random.default_rng(2).standard_normal((2, 30, 3)))
+    out = fp.favor_attention(tq, tk, tv, tw, causal=causal, key_mask=tm, chunk_size=4)
+    got = torch.autograd.grad((out * g).sum(), wanted)
+    ref = _quadratic(torch, tq, tk, tv, tw, tm.double(), causal, "softmax")
+    want = torch.autograd.grad((ref * g).sum(), wanted)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11)
+    if causal and blocks == "blocks":
+        assert len(recomputed) == 3  # the recomputed path ran
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_func_grad_equals_autograd(blocks, causal):
+    """torch.func transforms hide the tracking from requires_grad and turn saved-tensor
+    hooks off: favorplus must then neither mutate tensors in place nor recompute."""
+    torch = pytest.importorskip("torch")
+    q, k, v, mask, w = _problem(L=30, m=20, seed=6)
+    tq, tk, tv, tw = (torch.tensor(a) for a in (q, k, v, w))
+
+    def loss(q, k, v):
+        return fp.favor_attention(q, k, v, tw, causal=causal, chunk_size=4).square().sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(tq, tk, tv)
+    leaves = [t.clone().requires_grad_(True) for t in (tq, tk, tv)]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_recompute_keeps_no_temporaries_and_gives_the_same_gradients():
+    """favorplus._backend.recompute: after the forward pass no temporary of the function
+    is alive (plain autograd keeps exp's result); gradients, also of second order, are
+    those of the plain call."""
+    torch = pytest.importorskip("torch")
+    import weakref
+
+    from favorplus._backend import recompute
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.standard_normal((5, 4)), requires_grad=True)
+    w = torch.tensor(rng.standard_normal((4, 3)), requires_grad=True)
+    refs = []
+
+    def fn(x, w):
+        e = (x @ w).exp()
+        refs.append(weakref.ref(e))
+        return (e * x.sum(-1, keepdim=True)).sin().sum()
+
+    plain = fn(x, w)
+    assert refs[-1]() is not None  # autograd keeps exp's result for the backward pass
+    ours = recompute(fn, x, w)
+    assert refs[-1]() is None  # ... recompute keeps nothing but the inputs
+    want = torch.autograd.grad(plain, (x, w), create_graph=True)
+    got = torch.autograd.grad(ours, (x, w), create_graph=True)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-12)
+    second_want = torch.autograd.grad(sum(t.sum() for t in want), (x, w))
+    second_got = torch.autograd.grad(sum(t.sum() for t in got), (x, w))
+    for a, b in zip(second_got, second_want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)

@@ -161,6 +161,57 @@ def test_accelerator_scan_equals_cpu_scan(xp, p, chunk):
     close(gpu, cpu, 1e-10)
 
 
+def _with_flat(monkeypatch_context, flat):
+    """Spy on (flat=None) or force (flat=False) the check of the causal fast path."""
+    from favorplus import causal
+
+    seen = []
+    check = causal._is_flat
+
+    def spy(*args):
+        result = check(*args) if flat is None else flat
+        seen.append(result)
+        return result
+
+    monkeypatch_context.setattr(causal, "_is_flat", spy)
+    return seen
+
+
+@given(p=problems(causal=True, max_len=40), chunk=st.integers(1, 6), blocks=st.integers(1, 3))
+def test_flat_fast_path_changes_no_bit(xp, p, chunk, blocks):
+    """Blocks in which the causal reference never changes skip their rescaling factors
+    (all exp(0) = 1): the output is bit for bit that of the general path."""
+    from favorplus import _backend
+
+    rows = max(1, int(np.prod(np.broadcast_shapes(p.q.shape[:-2], p.k.shape[:-2], p.v.shape[:-2]))))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_backend, "BLOCK_NUMBERS", blocks * chunk * rows * p.num_features)
+        _with_flat(m, None)
+        fast = xp.numpy(run(xp, p, causal=True, chunk_size=chunk)[0])
+        _with_flat(m, False)
+        slow = xp.numpy(run(xp, p, causal=True, chunk_size=chunk)[0])
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_flat_fast_path_is_taken_on_typical_inputs():
+    """After the first chunk, keys of typical size stay below the reference's level:
+    the later CPU blocks take the fast path, and give the general path's bits."""
+    from favorplus import _backend
+
+    rng = np.random.default_rng(3)
+    q, k = (rng.standard_normal((2, 3, 256, 16)) * 0.5 for _ in range(2))
+    v = rng.standard_normal((2, 3, 256, 16))
+    w = fp.draw_projection(32, 16, seed=0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_backend, "BLOCK_NUMBERS", 32 * 6 * 32)  # blocks of 32 tokens
+        seen = _with_flat(m, None)
+        fast = fp.favor_attention(q, k, v, w, causal=True, chunk_size=8)
+        _with_flat(m, False)
+        slow = fp.favor_attention(q, k, v, w, causal=True, chunk_size=8)
+    assert len(seen) == 8 and not seen[0] and sum(seen) >= 6, seen
+    np.testing.assert_array_equal(fast, slow)
+
+
 @given(p=problems(causal=True, max_len=30), data=st.data())
 def test_decoding_equals_full_call(xp, p, data):
     """Token by token, and in blocks of random sizes, with the state carried along."""

@@ -185,26 +185,31 @@ def is_traced(x: Array) -> bool:
 
 
 def chunk_scan(
-    xp: Namespace, gates: Array, updates: Array, state: Array, queries: Array
+    xp: Namespace, gates: Array | None, updates: Array, state: Array, queries: Array
 ) -> tuple[Array, Array]:
     """The state recurrence of chunked causal linear attention, read by each chunk.
 
     ``S_0 = state`` and ``S_{n+1} = gates_n * S_n + updates_n`` for the N chunks
-    along axis -3 of ``updates`` (shape (..., N, P, Q); ``gates`` (..., N); ``state``
-    (..., P, Q)). Returns ``queries_n @ S_n`` for every chunk, (..., N, C, Q) for
-    ``queries`` of shape (..., N, C, P), and the final state. N is the number of
-    chunks, not of tokens.
+    along axis -3 of ``updates`` (shape (..., N, P, Q); ``gates`` (..., N), or None
+    for gates that are all exactly 1; ``state`` (..., P, Q)). Returns
+    ``queries_n @ S_n`` for every chunk, (..., N, C, Q) for ``queries`` of shape
+    (..., N, C, P), and the final state. N is the number of chunks, not of tokens.
 
     Eager CPU arrays: each state is read by its chunk's queries as soon as it exists,
-    so the N states are never stacked (less memory and copying). GPUs and
-    torch.compile graphs: the states are stacked and read by one batched product
-    (fewer kernel launches; measured faster on an H200). Traced JAX arrays (under
-    ``jax.jit``, ``grad``, ``vmap``): the recurrence runs in ``jax.lax.scan``, so the
-    traced program, and the compile time, does not grow with N.
+    so the N states are never stacked (less memory and copying), and without autograd
+    the state is updated in place. GPUs and torch.compile graphs: the states are
+    stacked and read by one batched product (fewer kernel launches; measured faster on
+    an H200). Traced JAX arrays (under ``jax.jit``, ``grad``, ``vmap``): the
+    recurrence runs in ``jax.lax.scan``, so the traced program, and the compile time,
+    does not grow with N.
     """
+    n = updates.shape[-3]
     if is_jax(updates) and is_traced(updates):
         import jax
         import jax.numpy as jnp
+
+        if gates is None:
+            gates = jnp.ones((*updates.shape[:-3], n), dtype=updates.dtype)
 
         def body(s: Array, xs: tuple[Array, Array]) -> tuple[Array, Array]:
             g, u = xs
@@ -215,22 +220,75 @@ def chunk_scan(
         return jnp.matmul(queries, jnp.moveaxis(before, 0, -3)), final
     # unstack, not indexing in the loop: the backward of N indexings would build N
     # full-size gradients (quadratic in N); that of one unstack is one stack.
-    gate_list = xp.unstack(gates[..., None, None], axis=-3)
+    gate_list = [None] * n if gates is None else xp.unstack(gates[..., None, None], axis=-3)
     update_list = xp.unstack(updates, axis=-3)
+
+    def step(s: Array, g: Array | None, u: Array, mine: bool) -> Array:
+        # ``mine``: s is a temporary of ours that nothing (no read, no backward) still needs.
+        if g is not None:
+            s = multiply(xp, s, g, owned=mine)
+            mine = True  # a new array, or ours already; autograd saves mul's inputs only
+        return add(xp, s, u, owned=mine)
+
     if on_accelerator(updates) or _torch_compiling(updates):
         before = [state]
         s = state
         for g, u in zip(gate_list[:-1], update_list[:-1]):
-            s = add(xp, multiply(xp, s, g, owned=False), u, owned=True)
+            s = step(s, g, u, False)
             before.append(s)
-        final = gate_list[-1] * s + update_list[-1]
+        final = step(s, gate_list[-1], update_list[-1], False)
         return xp.matmul(queries, xp.stack(before, axis=-3)), final
     reads = []
     s = state
     for g, u, qn in zip(gate_list, update_list, xp.unstack(queries, axis=-3)):
         reads.append(xp.matmul(qn, s))
-        s = add(xp, multiply(xp, s, g, owned=False), u, owned=True)
+        # Autograd may have saved s for the read (for q's gradient): then s must not
+        # change in place.
+        s = step(s, g, u, s is not state and not (needs_grad(s) or needs_grad(qn)))
     return xp.stack(reads, axis=-3), s
+
+
+def cumulative_max(x: Array) -> Array | None:
+    """Inclusive running maximum along the last axis with the backend's own function
+    (torch, NumPy, JAX); None where the standard offers none to use."""
+    if is_torch(x):
+        return sys.modules["torch"].cummax(x, dim=-1).values
+    if is_numpy(x):
+        import numpy as np
+
+        return np.maximum.accumulate(x, axis=-1)
+    if is_jax(x):
+        import jax
+
+        return jax.lax.cummax(x, axis=x.ndim - 1)
+    return None
+
+
+def split(x: Array, size: int, axis: int) -> list[Array]:
+    """``x`` cut into consecutive pieces of ``size`` (the last may be shorter) along
+    ``axis`` (negative). For torch, one ``torch.split``: its backward pass is one
+    concatenation, where that of separate slices would fill a full-size gradient per
+    piece.
+    """
+    if is_torch(x):
+        return list(sys.modules["torch"].split(x, size, dim=axis))
+    n = x.shape[axis]
+    after = (slice(None),) * (-axis - 1)
+    return [x[(..., slice(a, min(a + size, n)), *after)] for a in range(0, n, size)]
+
+
+def where_zero(xp: Namespace, keep: Array, x: Array, *, owned: bool) -> Array:
+    """``where(keep, x, 0)`` (keep broadcasts into x); in place when ``owned`` says x is
+    a temporary of ours."""
+    kind = _mutable(x) if owned and _fits(x, keep) else None
+    if kind == "torch":
+        return x.masked_fill_(~keep, 0.0)
+    if kind == "numpy":
+        import numpy as np
+
+        np.copyto(x, 0.0, where=~keep)
+        return x
+    return xp.where(keep, x, 0.0)
 
 
 # --- In-place fast path -------------------------------------------------------------
@@ -257,14 +315,25 @@ def _mutable(x: Array) -> str | None:
     if is_torch(x):
         # Autograd allows in-place steps on non-leaf tensors that no backward needs:
         # callers pass owned=True only for such temporaries (see needs_grad).
-        ok = x.is_contiguous() and not (x.requires_grad and x.is_leaf)
+        # In-place steps on a tracked view would make autograd copy its base in the
+        # backward pass (CopySlices): not worth it.
+        ok = x.is_contiguous() and not (x.requires_grad and (x.is_leaf or x._base is not None))
         return "torch" if ok else None
     return None
 
 
 def needs_grad(x: Array) -> bool:
-    """True for a tensor that autograd tracks (it may be saved for a backward pass)."""
-    return bool(is_torch(x) and x.requires_grad)
+    """True for a tensor that autograd tracks (it may be saved for a backward pass).
+
+    Inside torch.func transforms (grad, vjp, vmap, ...) every tensor counts as
+    tracked: no in-place steps there (vmap, for one, refuses some on batched tensors).
+    """
+    if not is_torch(x):
+        return False
+    if x.requires_grad:
+        return True
+    active = getattr(sys.modules["torch"]._C, "_are_functorch_transforms_active", None)
+    return active is None or bool(active())
 
 
 def _binary(x: Array, y: Array | float, owned: bool, name: str, op: Any) -> Array:
@@ -358,13 +427,77 @@ def _torch_compiling(x: Array) -> bool:
     return is_torch(x) and sys.modules["torch"].compiler.is_compiling()
 
 
-def cpu_block(x: Array, numbers_per_token: int, multiple: int = 1) -> int | None:
+def host_readable(x: Array) -> bool:
+    """True for eager CPU arrays, whose values the host can read mid-computation at no
+    cost (a check that picks a fast path); False on GPUs, in traced JAX programs and
+    in torch.compile graphs."""
+    return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_compiling(x))
+
+
+def cpu_block(
+    x: Array, numbers_per_token: int, multiple: int = 1, *, training: bool = False
+) -> int | None:
     """Block length (a multiple of ``multiple``) for eager CPU arrays; None elsewhere.
 
     GPUs, traced JAX programs and torch.compile graphs process the whole sequence at
-    once (one program, few kernel launches).
+    once (one program, few kernel launches). ``training``: blocks of a quarter of the
+    size, for blocks that are recomputed in the backward pass (see :func:`recompute`),
+    where one block's temporaries and their gradients are held at once.
     """
-    if (is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_compiling(x):
+    if not host_readable(x):
         return None
-    tokens = BLOCK_NUMBERS // max(1, numbers_per_token)
+    budget = BLOCK_NUMBERS // 4 if training else BLOCK_NUMBERS
+    tokens = budget // max(1, numbers_per_token)
     return max(multiple, tokens // multiple * multiple)
+
+
+def recompute(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, keeping for torch autograd only what ``fn`` receives.
+
+    Under torch autograd the tensors that ``fn``'s operations save for the backward
+    pass are dropped as soon as they are saved; the first time the backward pass needs
+    one of them, ``fn(*args)`` runs again (with the same inputs, so the same values)
+    and its saved tensors stand in for the dropped ones, in the same order. A backward
+    pass then holds one call's temporaries at a time. (The idea of
+    ``torch.utils.checkpoint``, whose first call imports torch._dynamo, about 80 MiB,
+    which is more than all this saves.) Other arrays, and calls without autograd,
+    just run ``fn``. ``args`` must not change in place before the backward pass.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.is_grad_enabled():
+        return fn(*args)
+    # torch.func transforms (grad, vjp, ...) turn saved-tensor hooks off: plain call.
+    hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    if hooks_enabled is not None and not hooks_enabled():
+        return fn(*args)
+    hooks = torch.autograd.graph.saved_tensors_hooks
+    replay: list[Any] = []  # the saved tensors of a recomputation, in saving order
+
+    def recomputed(index: int) -> Any:
+        if not replay:
+            with torch.enable_grad(), hooks(_keep(replay), _never):
+                fn(*args)
+        tensor, version = replay[index]
+        if tensor._version != version:  # what autograd itself checks without hooks
+            raise RuntimeError(
+                "favorplus: a tensor saved for the backward pass was changed in place"
+            )
+        return tensor
+
+    counter = iter(range(1 << 62))
+    with hooks(lambda _: next(counter), recomputed):
+        return fn(*args)
+
+
+def _keep(store: list[Any]) -> Any:
+    """A pack hook that records what a recomputation saves, detached (no reference
+    cycle through grad_fn) and with its version; its own graph is never used."""
+
+    def pack(t: Any) -> None:
+        store.append((t.detach(), t._version))
+
+    return pack
+
+
+def _never(_: Any) -> Any:
+    raise RuntimeError("favorplus: a recomputed graph was used for a backward pass")

@@ -12,6 +12,7 @@ from ._backend import (
     cpu_block,
     device,
     exp,
+    split,
     stop_gradient,
     subtract,
 )
@@ -91,11 +92,17 @@ def _favor_core(
 
 
 def block_length(
-    x: Array, batch: tuple[int, ...], kern: Kernel, w: Array | None, multiple: int = 1
+    x: Array,
+    batch: tuple[int, ...],
+    kern: Kernel,
+    w: Array | None,
+    multiple: int = 1,
+    *,
+    training: bool = False,
 ) -> int | None:
     """Tokens per CPU block for inputs like ``x`` (None: no blocking, see cpu_block)."""
     features = kern.num_features(w.shape[0] if w is not None else x.shape[-1])
-    return cpu_block(x, max(1, math.prod(batch)) * features, multiple)
+    return cpu_block(x, max(1, math.prod(batch)) * features, multiple, training=training)
 
 
 def _blocked_attention(
@@ -116,25 +123,22 @@ def _blocked_attention(
     (online-softmax style), so every exponent stays <= 0; the final maximum is then
     moved onto the query side exactly as in one pass.
     """
-    top = None  # running per-feature maximum of the key log-features, (..., 1, Mk)
-    state = None  # (..., M, dv + 1), relative to top
-    shared = False
-    for start in range(0, k.shape[-2], block):
-        stop = min(start + block, k.shape[-2])
-        kparts = feature_parts(xp, k[..., start:stop, :], w, kern, scale, row_constants=True)
-        mask = None if key_mask is None else key_mask[..., start:stop, None]
-        vb = v[..., start:stop, :]
+
+    def key_block(
+        kb: Array, vb: Array, mb: Array | None, top: Array | None, state: Array | None
+    ) -> tuple[Array | None, Array, bool]:
+        """Fold one block of keys into (running maximum, state)."""
+        kparts = feature_parts(xp, kb, w, kern, scale, row_constants=True)
+        mask = None if mb is None else mb[..., None]
+        factor = None
         if kparts.log is None:
             kf = kparts.sign if mask is None else xp.where(mask, kparts.sign, 0.0)
-            factor = None
         else:
-            shared = kparts.shared
             masked = kparts.log if mask is None else xp.where(mask, kparts.log, NEG_INF)
             new = xp.max(stop_gradient(masked), axis=-2, keepdims=True)
             if top is not None:
                 new = xp.maximum(new, top)
             safe = xp.where(xp.isfinite(new), new, 0.0)
-            factor = None
             if top is not None:
                 old = xp.where(xp.isfinite(top), top, 0.0)
                 factor = xp.where(xp.isfinite(top), xp.exp(old - safe), 0.0)
@@ -143,21 +147,28 @@ def _blocked_attention(
             if kparts.sign is not None:
                 kf = kparts.sign * kf
         part = _key_state(xp, kf, vb)
-        if state is None:
-            state = part
-        else:
+        if state is not None:
             if factor is not None:
                 state = state * xp.matrix_transpose(factor)
-            state = state + part
+            part = state + part
+        return top, part, kparts.shared
+
+    def query_block(qb: Array, shift: Array | None, state: Array) -> Array:
+        qparts = feature_parts(xp, qb, w, kern, scale, row_constants=False)
+        return _read_state(xp, query_features(xp, qparts, shift), state)
+
+    top = None  # running per-feature maximum of the key log-features, (..., 1, Mk)
+    state = None  # (..., M, dv + 1), relative to top
+    shared = False
+    pieces = (split(k, block, -2), split(v, block, -2))
+    masks = [None] * len(pieces[0]) if key_mask is None else split(key_mask, block, -1)
+    for kb, vb, mb in zip(*pieces, masks):
+        top, state, shared = key_block(kb, vb, mb, top, state)
     assert state is not None
     shift = None
     if top is not None and not shared:
         shift = xp.where(xp.isfinite(top), top, 0.0)
-    outs = []
-    for start in range(0, q.shape[-2], block):
-        stop = min(start + block, q.shape[-2])
-        qparts = feature_parts(xp, q[..., start:stop, :], w, kern, scale, row_constants=False)
-        outs.append(_read_state(xp, query_features(xp, qparts, shift), state))
+    outs = [query_block(qb, shift, state) for qb in split(q, block, -2)]
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)
 
 

@@ -22,16 +22,22 @@ from typing import Any, NamedTuple
 from ._backend import (
     Array,
     Namespace,
+    add,
     broadcast_shapes,
     call_core,
     chunk_scan,
+    cumulative_max,
     device,
     exp,
+    host_readable,
     multiply,
     needs_grad,
     on_accelerator,
+    recompute,
+    split,
     stop_gradient,
     subtract,
+    where_zero,
 )
 from ._stabilize import NEG_INF, query_features
 from .attention import _cast_inputs, _parts, block_length, safe_divide
@@ -84,11 +90,30 @@ def _pad(xp: Namespace, x: Array, pad: int, axis: int, value: Any = 0) -> Array:
 
 
 def _masked_running_max(xp: Namespace, x: Array, floor: float) -> Array:
-    """Inclusive running maximum along the last axis (size n) through an n x n masked max."""
+    """Inclusive running maximum along the last axis (size n): the backend's own
+    cumulative maximum where it has one, else an n x n masked max (same values: a
+    maximum is exact)."""
+    native = cumulative_max(x)
+    if native is not None:
+        return native
     n = x.shape[-1]
     idx = xp.arange(n, device=device(x))
     tri = idx[None, :] <= idx[:, None]
     return xp.max(xp.where(tri, x[..., None, :], floor), axis=-1)
+
+
+LEVEL_STEP = 4.0
+
+
+def _level(xp: Namespace, top: Array) -> Array:
+    """``top`` rounded up to a multiple of LEVEL_STEP (exactly: a power of 2).
+
+    The causal reference then changes only when a key rises above the current level,
+    rarely after the first tokens, and a stretch without a change needs no rescaling
+    at all (see ``flat`` in ``_causal_core``). Exponents stay <= 0; key features
+    lose at most a factor exp(-LEVEL_STEP) of range before underflowing.
+    """
+    return xp.ceil(top / LEVEL_STEP) * LEVEL_STEP
 
 
 def _running_max(xp: Namespace, x: Array, floor: float) -> Array:
@@ -115,6 +140,13 @@ def _running_max(xp: Namespace, x: Array, floor: float) -> Array:
     )
     out = xp.maximum(inside, earlier[..., None])
     return xp.reshape(out, (*x.shape[:-1], rows * group))[..., :n]
+
+
+def _is_flat(xp: Namespace, c: Array, before: Array) -> bool:
+    """True when every token's reference equals that before its chunk (no new level in
+    any chunk): all the rescaling factors are then exp(0) = 1, and skipping them changes
+    no bit. Checked on eager CPU arrays only (elsewhere: False, one program for all)."""
+    return host_readable(c) and bool(xp.all(c == before[..., None]))
 
 
 def _causal_core(
@@ -153,7 +185,7 @@ def _causal_core(
         if sk is not None:
             sk = _pad(xp, sk, pad, -2)
     top = xp.max(stop_gradient(lk), axis=-1)
-    top = xp.maximum(top, xp.asarray(floor, dtype=dt, device=dev))
+    top = xp.maximum(_level(xp, top), xp.asarray(floor, dtype=dt, device=dev))
     if mask is not None:
         top = xp.where(mask, top, floor)
 
@@ -169,6 +201,8 @@ def _causal_core(
     prefix = _running_max(xp, firsts, floor)  # (B, n + 1): reference before chunk i / at end
     before = prefix[..., :n]
     c = xp.maximum(cin, before[..., None])  # (B, n, C): running max at each token
+    after = prefix[..., 1:]
+    flat = _is_flat(xp, c, before)
 
     arg = subtract(xp, lc, c[..., None], owned=True)
     if mc is not None:
@@ -179,17 +213,23 @@ def _causal_core(
 
     idx = xp.arange(size, device=dev)
     tri = idx[None, :] <= idx[:, None]
-    decay = xp.exp(xp.where(tri, c[..., None, :] - c[..., :, None], NEG_INF))
     scores = xp.matmul(qc, xp.matrix_transpose(kh))
-    # (where, not only the zero decay: future entries must not turn into NaN via inf * 0)
-    weights = xp.where(tri, multiply(xp, scores, decay, owned=not needs_grad(scores)), 0.0)
+    owned = not needs_grad(scores)
+    if not flat:
+        decay = xp.exp(xp.where(tri, c[..., None, :] - c[..., :, None], NEG_INF))
+        scores = multiply(xp, scores, decay, owned=owned)
+    # (where, not a zero factor: future entries must not turn into NaN via inf * 0)
+    weights = where_zero(xp, tri, scores, owned=owned)
     out = xp.matmul(weights, vc)
 
-    after = prefix[..., 1:]
-    scaled_v = vc * xp.exp(c - after[..., None])[..., None]
+    scaled_v = vc if flat else vc * xp.exp(c - after[..., None])[..., None]
     updates = xp.matmul(xp.matrix_transpose(kh), scaled_v)  # (B, n, M, dv + 1)
-    inter, final = chunk_scan(xp, xp.exp(before - after), updates, state.numerator, qc)
-    out = out + xp.exp(before[..., None] - c)[..., None] * inter
+    gates = None if flat else xp.exp(before - after)
+    inter, final = chunk_scan(xp, gates, updates, state.numerator, qc)
+    if not flat:
+        factor = xp.exp(before[..., None] - c)[..., None]
+        inter = multiply(xp, inter, factor, owned=not needs_grad(inter))
+    out = add(xp, out, inter, owned=not needs_grad(out))
     out = xp.reshape(out, (*batch, n * size, vp.shape[-1]))[..., :length, :]
     return out, CausalState(final, prefix[..., n])
 
@@ -243,9 +283,7 @@ def causal_from_parts(
     v = full(v, 2)
     mask = full(key_mask, 1)
     if state is None:
-        state = _empty_state(
-            xp, batch, num_features, v.shape[-1], qf.dtype, device(qf)
-        )
+        state = _empty_state(xp, batch, num_features, v.shape[-1], qf.dtype, device(qf))
     else:
         state = CausalState(full(state.numerator, 2), full(state.log_scale, 0))
     out, new_state = _causal_core(xp, qf, lk, sk, mask, v, state, chunk)
@@ -269,19 +307,32 @@ def causal_attention(
 
     On a CPU, blocks of whole chunks are processed one after the other, the state
     carried from block to block (exactly what decoding does); elsewhere (GPUs, traced
-    JAX programs) the whole sequence is one block.
+    JAX programs) the whole sequence is one block. Under torch autograd on a CPU each
+    block keeps nothing for the backward pass but its inputs and is recomputed there
+    (see :func:`favorplus._backend.recompute`): the memory autograd keeps is O(L (d + dv)),
+    not O(L m).
     """
     length = q.shape[-2]
     chunk = chunk_size if chunk_size is not None else _auto_chunk(length, q)
-    block = block_length(q, batch, kern, w, chunk) or length
+    training = any(needs_grad(x) for x in (q, k, v, w))
+    block = block_length(q, batch, kern, w, chunk, training=training) or length
+
+    def run_block(
+        qb: Array, kb: Array, vb: Array, mb: Array | None, st: CausalState | None
+    ) -> tuple[Array, CausalState]:
+        qparts, kparts = _parts(xp, scale, qb, kb, w, kern)
+        return causal_from_parts(xp, qparts, kparts, vb, mb, st, batch, chunk)
+
+    if block >= length:
+        out, state = run_block(q, k, v, key_mask, state)
+        return out, state
     outs = []
-    for start in range(0, length, block):
-        stop = min(start + block, length)
-        qparts, kparts = _parts(xp, scale, q[..., start:stop, :], k[..., start:stop, :], w, kern)
-        mask = None if key_mask is None else key_mask[..., start:stop]
-        out, state = causal_from_parts(
-            xp, qparts, kparts, v[..., start:stop, :], mask, state, batch, chunk
-        )
+    masks = [None] * -(-length // block) if key_mask is None else split(key_mask, block, -1)
+    for qb, kb, vb, mb in zip(split(q, block, -2), split(k, block, -2), split(v, block, -2), masks):
+        if training:
+            out, state = recompute(run_block, qb, kb, vb, mb, state)
+        else:
+            out, state = run_block(qb, kb, vb, mb, state)
         outs.append(out)
     assert state is not None
     return (outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)), state
