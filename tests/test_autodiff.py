@@ -282,3 +282,16 @@ def test_recompute_keeps_no_temporaries_and_gives_the_same_gradients():
     second_got = torch.autograd.grad(sum(t.sum() for t in got), (x, w))
     for a, b in zip(second_got, second_want):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_func_vmap_equals_batched_call(blocks, causal):
+    torch = pytest.importorskip("torch")
+    q, k, v, mask, w = _problem(L=30, m=20, seed=7)
+    tq, tk, tv, tw, tm = (torch.tensor(a) for a in (q, k, v, w, mask))
+
+    def one(q, k, v, m):
+        return fp.favor_attention(q, k, v, tw, causal=causal, key_mask=m, chunk_size=4)
+
+    mapped = torch.func.vmap(one)(tq, tk, tv, tm)
+    np.testing.assert_allclose(mapped.numpy(), one(tq, tk, tv, tm).numpy(), rtol=1e-12, atol=1e-14)

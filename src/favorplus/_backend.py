@@ -220,8 +220,8 @@ def chunk_scan(
         return jnp.matmul(queries, jnp.moveaxis(before, 0, -3)), final
     # unstack, not indexing in the loop: the backward of N indexings would build N
     # full-size gradients (quadratic in N); that of one unstack is one stack.
-    gate_list = [None] * n if gates is None else xp.unstack(gates[..., None, None], axis=-3)
-    update_list = xp.unstack(updates, axis=-3)
+    gate_list = [None] * n if gates is None else unstack(xp, gates[..., None, None], -3)
+    update_list = unstack(xp, updates, -3)
 
     def step(s: Array, g: Array | None, u: Array, mine: bool) -> Array:
         # ``mine``: s is a temporary of ours that nothing (no read, no backward) still needs.
@@ -230,7 +230,7 @@ def chunk_scan(
             mine = True  # a new array, or ours already; autograd saves mul's inputs only
         return add(xp, s, u, owned=mine)
 
-    if on_accelerator(updates) or _torch_compiling(updates):
+    if on_accelerator(updates) or _torch_traced(updates):
         before = [state]
         s = state
         for g, u in zip(gate_list[:-1], update_list[:-1]):
@@ -240,7 +240,7 @@ def chunk_scan(
         return xp.matmul(queries, xp.stack(before, axis=-3)), final
     reads = []
     s = state
-    for g, u, qn in zip(gate_list, update_list, xp.unstack(queries, axis=-3)):
+    for g, u, qn in zip(gate_list, update_list, unstack(xp, queries, -3)):
         reads.append(xp.matmul(qn, s))
         # Autograd may have saved s for the read (for q's gradient): then s must not
         # change in place.
@@ -262,6 +262,14 @@ def cumulative_max(x: Array) -> Array | None:
 
         return jax.lax.cummax(x, axis=x.ndim - 1)
     return None
+
+
+def unstack(xp: Namespace, x: Array, axis: int) -> list[Array]:
+    """``xp.unstack``; for torch ``torch.unbind`` (array-api-compat's moves the axis
+    first, which torch.func.vmap cannot batch)."""
+    if is_torch(x):
+        return list(sys.modules["torch"].unbind(x, dim=axis))
+    return list(xp.unstack(x, axis=axis))
 
 
 def split(x: Array, size: int, axis: int) -> list[Array]:
@@ -422,16 +430,21 @@ def on_accelerator(x: Array) -> bool:
     )
 
 
-def _torch_compiling(x: Array) -> bool:
-    """True while torch.compile traces ``x`` (a Python loop over blocks would be unrolled)."""
-    return is_torch(x) and sys.modules["torch"].compiler.is_compiling()
+def _torch_traced(x: Array) -> bool:
+    """True while torch.compile traces ``x`` (a Python loop over blocks would be
+    unrolled), or inside torch.func transforms (whose tensors cannot be read)."""
+    if not is_torch(x):
+        return False
+    torch = sys.modules["torch"]
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return torch.compiler.is_compiling() or (active is not None and bool(active()))
 
 
 def host_readable(x: Array) -> bool:
     """True for eager CPU arrays, whose values the host can read mid-computation at no
     cost (a check that picks a fast path); False on GPUs, in traced JAX programs and
     in torch.compile graphs."""
-    return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_compiling(x))
+    return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_traced(x))
 
 
 def cpu_block(

@@ -1,17 +1,21 @@
 """Causal FAVOR+ in linear memory, leak-free and overflow-safe, and incremental decoding.
 
 The algorithm (FAVOR-NOTES section 5) is scalar-gated linear attention. Let ``u_j`` be
-key j's log-features and ``c_j = max(c_{j-1}, max_r u_{j,r})`` the running maximum
-over the past (masked keys excluded). Keys are used as ``k^_j = exp(u_j - c_j) <= 1``
-and the state after t keys is ``S_t = sum_{j<=t} exp(c_j - c_t) k^_j [v_j, 1]^T``.
-Every quantity used for output row i depends on positions ``<= i`` only, and every
-exponent is ``<= 0``: no leak from the future, no overflow.
+key j's log-features and ``c_j = max(c_{j-1}, level(max_r u_{j,r}))`` the running
+maximum over the past (masked keys excluded) of the keys' largest log-features, each
+rounded up to a multiple of 4 (``level``). Keys are used as
+``k^_j = exp(u_j - c_j) <= 1`` and the state after t keys is
+``S_t = sum_{j<=t} exp(c_j - c_t) k^_j [v_j, 1]^T``. Every quantity used for output
+row i depends on positions ``<= i`` only, and every exponent is ``<= 0``: no leak
+from the future, no overflow. (The rounding makes c change rarely: where it does not
+change, the factors ``exp(c_j - c_i)`` are exactly 1 and are skipped on a CPU.)
 
 The sequence is cut into chunks of C tokens. Inside a chunk, row i gets
 ``sum_{j<=i} (q^_i . k^_j) exp(c_j - c_i) [v_j, 1]`` through C x C matrices; across
 chunks, the states before each chunk come from one linear scan over the chunks (not
 the tokens), then ``exp(c_prev - c_i) q^_i S_prev``. Memory is
-O(L (m + d) + L C + (L / C) m d).
+O(L (m + d) + L C + (L / C) m d); under torch autograd on a CPU, blocks of chunks are
+recomputed in the backward pass, so that autograd keeps O(L (d + dv)) of them.
 """
 
 from __future__ import annotations
@@ -57,8 +61,9 @@ class CausalState(NamedTuple):
         ``sum_j exp(u_j - c) [v_j, 1]^T`` over the keys seen so far; the last column
         holds the normaliser's state.
     log_scale : array, shape (...)
-        ``c``, the running maximum of the key log-features seen so far (the most
-        negative finite number of the dtype before any key).
+        ``c``, the running maximum of the key log-features seen so far, rounded up
+        to a multiple of 4 (the most negative finite number of the dtype before any
+        key).
     """
 
     numerator: Array
@@ -119,11 +124,15 @@ def _level(xp: Namespace, top: Array) -> Array:
 def _running_max(xp: Namespace, x: Array, floor: float) -> Array:
     """Inclusive running maximum along the last axis, in O(n^1.5) memory.
 
-    The standard has no cumulative maximum: the n values are cut into groups of
+    The backend's own cumulative maximum where it has one. The standard has none: the
+    n values are cut into groups of
     about sqrt(n); a masked max gives the running maximum inside each group and
     another one the maximum of all earlier groups. A fixed number of operations,
     whatever n (so a traced program does not grow with the length).
     """
+    native = cumulative_max(x)
+    if native is not None:
+        return native
     n = x.shape[-1]
     group = max(1, int(n**0.5 + 0.5))
     rows = -(-n // group)
