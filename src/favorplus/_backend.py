@@ -338,10 +338,13 @@ def needs_grad(x: Array) -> bool:
     """
     if not is_torch(x):
         return False
-    if x.requires_grad:
-        return True
+    return bool(x.requires_grad) or _functorch_active(default=True)
+
+
+def _functorch_active(*, default: bool) -> bool:
+    """True inside torch.func transforms; ``default`` where torch cannot tell."""
     active = getattr(sys.modules["torch"]._C, "_are_functorch_transforms_active", None)
-    return active is None or bool(active())
+    return default if active is None else bool(active())
 
 
 def _binary(x: Array, y: Array | float, owned: bool, name: str, op: Any) -> Array:
@@ -435,9 +438,7 @@ def _torch_traced(x: Array) -> bool:
     unrolled), or inside torch.func transforms (whose tensors cannot be read)."""
     if not is_torch(x):
         return False
-    torch = sys.modules["torch"]
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return torch.compiler.is_compiling() or (active is not None and bool(active()))
+    return sys.modules["torch"].compiler.is_compiling() or _functorch_active(default=False)
 
 
 def host_readable(x: Array) -> bool:
