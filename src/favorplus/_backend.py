@@ -197,11 +197,11 @@ def chunk_scan(
 
     Eager CPU arrays: each state is read by its chunk's queries as soon as it exists,
     so the N states are never stacked (less memory and copying), and without autograd
-    the state is updated in place. GPUs and torch.compile graphs: the states are
-    stacked and read by one batched product (fewer kernel launches; measured faster on
-    an H200). Traced JAX arrays (under ``jax.jit``, ``grad``, ``vmap``): the
-    recurrence runs in ``jax.lax.scan``, so the traced program, and the compile time,
-    does not grow with N.
+    the state is updated in place. GPUs, torch.compile graphs and torch.func
+    transforms: the states are stacked and read by one batched product (fewer kernel
+    launches; measured faster on an H200). Traced JAX arrays (under ``jax.jit``,
+    ``grad``, ``vmap``): the recurrence runs in ``jax.lax.scan``, so the traced
+    program, and the compile time, does not grow with N.
     """
     n = updates.shape[-3]
     if is_jax(updates) and is_traced(updates):
@@ -443,8 +443,8 @@ def _torch_traced(x: Array) -> bool:
 
 def host_readable(x: Array) -> bool:
     """True for eager CPU arrays, whose values the host can read mid-computation at no
-    cost (a check that picks a fast path); False on GPUs, in traced JAX programs and
-    in torch.compile graphs."""
+    cost (a check that picks a fast path); False on GPUs, in traced JAX programs, in
+    torch.compile graphs and inside torch.func transforms."""
     return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_traced(x))
 
 
@@ -453,10 +453,11 @@ def cpu_block(
 ) -> int | None:
     """Block length (a multiple of ``multiple``) for eager CPU arrays; None elsewhere.
 
-    GPUs, traced JAX programs and torch.compile graphs process the whole sequence at
-    once (one program, few kernel launches). ``training``: blocks of a quarter of the
-    size, for blocks that are recomputed in the backward pass (see :func:`recompute`),
-    where one block's temporaries and their gradients are held at once.
+    GPUs, traced JAX programs, torch.compile graphs and torch.func transforms process
+    the whole sequence at once (one program, few kernel launches). ``training``:
+    blocks of a quarter of the size, for blocks that are recomputed in the backward
+    pass (see :func:`recompute`), where one block's temporaries and their gradients
+    are held at once.
     """
     if not host_readable(x):
         return None

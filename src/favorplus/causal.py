@@ -333,8 +333,7 @@ def causal_attention(
         return causal_from_parts(xp, qparts, kparts, vb, mb, st, batch, chunk)
 
     if block >= length:
-        out, state = run_block(q, k, v, key_mask, state)
-        return out, state
+        return run_block(q, k, v, key_mask, state)
     outs = []
     masks = [None] * -(-length // block) if key_mask is None else split(key_mask, block, -1)
     for qb, kb, vb, mb in zip(split(q, block, -2), split(k, block, -2), split(v, block, -2), masks):
@@ -344,7 +343,7 @@ def causal_attention(
             out, state = run_block(qb, kb, vb, mb, state)
         outs.append(out)
     assert state is not None
-    return (outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)), state
+    return xp.concat(outs, axis=-2), state  # (two blocks at least here)
 
 
 def init_causal_state(
