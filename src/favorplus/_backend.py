@@ -285,18 +285,26 @@ def split(x: Array, size: int, axis: int) -> list[Array]:
     return [x[(..., slice(a, min(a + size, n)), *after)] for a in range(0, n, size)]
 
 
-def where_zero(xp: Namespace, keep: Array, x: Array, *, owned: bool) -> Array:
-    """``where(keep, x, 0)`` (keep broadcasts into x); in place when ``owned`` says x is
-    a temporary of ours."""
-    kind = _mutable(x) if owned and _fits(x, keep) else None
+def lower_triangle(xp: Namespace, x: Array, *, owned: bool) -> Array:
+    """``x`` with every entry above the diagonal of its last two axes set to 0 (a
+    select, not a product: inf or NaN there do not leak); in place when ``owned``
+    says x is a temporary of ours.
+
+    torch's and NumPy's own triangle functions (about ten times faster than a masked
+    fill with a broadcast mask on a CPU); elsewhere ``where`` with the mask.
+    """
+    kind = _mutable(x) if owned else None
     if kind == "torch":
-        return x.masked_fill_(~keep, 0.0)
-    if kind == "numpy":
+        return x.tril_()
+    if is_torch(x):
+        return sys.modules["torch"].tril(x)
+    if is_numpy(x):
         import numpy as np
 
-        np.copyto(x, 0.0, where=~keep)
-        return x
-    return xp.where(keep, x, 0.0)
+        return np.tril(x)
+    n, p = x.shape[-2], x.shape[-1]
+    keep = xp.arange(p, device=device(x))[None, :] <= xp.arange(n, device=device(x))[:, None]
+    return xp.where(keep, x, xp.zeros((), dtype=x.dtype, device=device(x)))
 
 
 # --- In-place fast path -------------------------------------------------------------

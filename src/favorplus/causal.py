@@ -34,6 +34,7 @@ from ._backend import (
     device,
     exp,
     host_readable,
+    lower_triangle,
     multiply,
     needs_grad,
     on_accelerator,
@@ -41,7 +42,6 @@ from ._backend import (
     split,
     stop_gradient,
     subtract,
-    where_zero,
 )
 from ._stabilize import NEG_INF, query_features
 from .attention import _cast_inputs, _parts, block_length, safe_divide
@@ -227,8 +227,8 @@ def _causal_core(
     if not flat:
         decay = xp.exp(xp.where(tri, c[..., None, :] - c[..., :, None], NEG_INF))
         scores = multiply(xp, scores, decay, owned=owned)
-    # (where, not a zero factor: future entries must not turn into NaN via inf * 0)
-    weights = where_zero(xp, tri, scores, owned=owned)
+    # (a select, not a zero factor: future entries must not turn into NaN via inf * 0)
+    weights = lower_triangle(xp, scores, owned=owned)
     out = xp.matmul(weights, vc)
 
     scaled_v = vc if flat else vc * xp.exp(c - after[..., None])[..., None]
