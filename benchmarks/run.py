@@ -237,6 +237,59 @@ def machine_bound(L: int, repeats: int) -> dict[str, float]:
     }
 
 
+def causal_products(L: int, chunk: int, block: int) -> Callable[[], None]:
+    """The matrix products alone that chunked causal FAVOR+ needs at length L, in
+    torch on random data of the right shapes: no exponential, no elementwise step.
+
+    Per block of ``block`` tokens in chunks of ``chunk`` (C; heads batched): the query
+    and key projections (T x d by d x m); per chunk the C x C scores (C x m by
+    m x C), their product with the values and the normaliser column (C x C by
+    C x (dv + 1)), the state update (m x C by C x (dv + 1)) and the read of the state
+    before the chunk (C x m by m x (dv + 1), one call per chunk: each chunk needs the
+    state after the previous one).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(H, L, D, generator=g)
+    w = torch.randn(D, M, generator=g)
+    feats = torch.rand(H, L, M, generator=g)
+    vals = torch.randn(H, L, D + 1, generator=g)
+    state = torch.randn(H, M, D + 1, generator=g)
+
+    def run() -> None:
+        for s in range(0, L, block):
+            n = block // chunk
+            x[:, s : s + block] @ w
+            x[:, s : s + block] @ w
+            f = feats[:, s : s + block].reshape(H, n, chunk, M)
+            vc = vals[:, s : s + block].reshape(H, n, chunk, D + 1)
+            scores = f @ f.transpose(-1, -2)
+            scores @ vc
+            f.transpose(-1, -2) @ vc
+            for i in range(n):
+                f[:, i] @ state
+
+    return run
+
+
+def causal_product_floor(L: int, repeats: int) -> dict[str, Any]:
+    """Best time of :func:`causal_products` over chunk sizes 32, 64 and 128 and over
+    favorplus's CPU block length or no blocks: an implementation built on these
+    torch products cannot be faster."""
+    from favorplus._backend import BLOCK_NUMBERS
+
+    favor_block = BLOCK_NUMBERS // (H * M)
+    times = {}
+    for chunk in (32, 64, 128):
+        for block in sorted({min(favor_block, L), L}):
+            times[f"C={chunk}, block={block}"] = best_time(
+                causal_products(L, chunk, block), repeats + 2
+            )
+    best = min(times, key=times.__getitem__)
+    return {"best_s": times[best], "best": best, "each_s": times}
+
+
 # ----------------------------------------------------------------------------------
 # Benchmarks.
 
@@ -312,6 +365,10 @@ def bench_causal(quick: bool, repeats: int) -> dict[str, Any]:
         sessions, key=lambda cb: abs(cb[0] / cb[1] - ratios[len(ratios) // 2])
     )
     bound = machine_bound(Lb, repeats)
+    floor = causal_product_floor(Lb, repeats)
+    exps = 2 * H * Lb * M
+    reachable = floor["best_s"] + exps / bound["exp_per_s"]
+    reachable_strict = floor["best_s"] + exps / bound["exp_per_s_in_place"]
     small, large = (1024, 4096) if quick else (4096, 16384)
     peak_small = peak_memory("favorplus-torch", small, causal=True)
     peak_large = peak_memory("favorplus-torch", large, causal=True)
@@ -324,12 +381,22 @@ def bench_causal(quick: bool, repeats: int) -> dict[str, Any]:
         f"fraction of machine bound, causal fwd, L={Lb}": bound["bound_s"] / fwd_causal,
         f"fraction of the strict bound (exp in place), causal fwd, L={Lb}": bound["strict_bound_s"]
         / fwd_causal,
+        f"ms of the causal matrix products alone, L={Lb} (best: {floor['best']})": 1e3
+        * floor["best_s"],
+        f"largest reachable fraction of machine bound, causal, L={Lb} (products + exps)": bound[
+            "bound_s"
+        ]
+        / reachable,
+        f"largest reachable fraction of the strict bound, causal, L={Lb}": bound["strict_bound_s"]
+        / reachable_strict,
+        f"causal products + exps / bidirectional fwd, L={Lb}": reachable_strict / fwd_bidir,
         f"causal fwd / bidirectional fwd, L={Lb} (interleaved; median)": fwd_causal / fwd_bidir,
         f"causal fwd / bidirectional fwd, L={Lb}, each measurement": ratios,
         f"ms causal fwd, bidirectional fwd, L={Lb}": [1e3 * fwd_causal, 1e3 * fwd_bidir],
         f"peak ratio causal fwd L={large} / L={small}": peak_large / peak_small,
         f"peak MiB causal fwd L={small}, L={large}": [peak_small, peak_large],
         "machine": bound,
+        "causal products": floor,
     }
     return {"rows": rows, "summary": summary}
 
