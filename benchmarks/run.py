@@ -246,29 +246,34 @@ def causal_products(L: int, chunk: int, block: int) -> Callable[[], None]:
     m x C), their product with the values and the normaliser column (C x C by
     C x (dv + 1)), the state update (m x C by C x (dv + 1)) and the read of the state
     before the chunk (C x m by m x (dv + 1), one call per chunk: each chunk needs the
-    state after the previous one).
+    state after the previous one). Each block's operands are contiguous arrays of
+    their own, as in favorplus (slices of one long array would make torch copy them).
     """
     import torch
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(H, L, D, generator=g)
+    n = block // chunk
+    blocks = [
+        (
+            torch.randn(H, block, D, generator=g),
+            torch.rand(H, n, chunk, M, generator=g),
+            torch.rand(H, n, chunk, M, generator=g),
+            torch.randn(H, n, chunk, D + 1, generator=g),
+        )
+        for _ in range(L // block)
+    ]
     w = torch.randn(D, M, generator=g)
-    feats = torch.rand(H, L, M, generator=g)
-    vals = torch.randn(H, L, D + 1, generator=g)
     state = torch.randn(H, M, D + 1, generator=g)
 
     def run() -> None:
-        for s in range(0, L, block):
-            n = block // chunk
-            x[:, s : s + block] @ w
-            x[:, s : s + block] @ w
-            f = feats[:, s : s + block].reshape(H, n, chunk, M)
-            vc = vals[:, s : s + block].reshape(H, n, chunk, D + 1)
-            scores = f @ f.transpose(-1, -2)
+        for x, qf, kf, vc in blocks:
+            x @ w
+            x @ w
+            scores = qf @ kf.transpose(-1, -2)
             scores @ vc
-            f.transpose(-1, -2) @ vc
+            kf.transpose(-1, -2) @ vc
             for i in range(n):
-                f[:, i] @ state
+                qf[:, i] @ state
 
     return run
 
