@@ -132,6 +132,27 @@ def test_fully_masked_rows_are_zero(xp):
     assert np.all(exact[0] == 0)
 
 
+@pytest.mark.parametrize(("lq", "lk"), [(0, 0), (0, 4), (3, 0)])
+def test_empty_sequences(xp, lq, lk):
+    # No query: an empty output. No key: every row has no key to attend to, so 0, as
+    # for fully masked rows. Batch shapes broadcast as usual (the mask adds one).
+    rng = np.random.default_rng(2)
+    q = xp.asarray(rng.standard_normal((1, 2, lq, 3)))
+    k = xp.asarray(rng.standard_normal((2, 1, lk, 3)))
+    v = xp.asarray(rng.standard_normal((1, 1, lk, 5)), "float32")
+    mask = xp.asarray(np.ones((3, 1, 1, lk), dtype=bool))
+    w = xp.asarray(fp.draw_projection(8, 3, seed=0))
+    for causal in (False, True) if lq == lk else (False,):
+        for kernel in KERNELS:
+            out = fp.favor_attention(q, k, v, w, kernel=kernel, causal=causal, key_mask=mask)
+            assert tuple(out.shape) == (3, 2, 2, lq, 5) and out.dtype == v.dtype
+            assert np.all(xp.numpy(out) == 0)
+        exact = fp.softmax_attention(q, k, v, causal=causal, key_mask=mask)
+        assert tuple(exact.shape) == (3, 2, 2, lq, 5) and np.all(xp.numpy(exact) == 0)
+    matrix = fp.favor_attention_matrix(q, k, w, key_mask=mask)
+    assert tuple(matrix.shape) == (3, 2, 2, lq, lk)
+
+
 @given(p=problems(max_norm=3.0))
 def test_softmax_attention_matches_reference(xp, p):
     mask = None if p.key_mask is None else xp.asarray(p.key_mask)

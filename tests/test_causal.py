@@ -308,3 +308,26 @@ def test_cpu_blocks_equal_one_pass(xp, p, chunk, blocks):
         backend.BLOCK_NUMBERS = saved
     close(xp.numpy(many), xp.numpy(one), 1e-12)
     close(xp.numpy(many), expected(p, w, "softmax", causal=True), 1e-8)
+
+
+def test_decoding_step_without_tokens(xp):
+    # A step of no token returns an empty output and the state it was given (the
+    # empty state without one), broadcast to the batch shape.
+    rng = np.random.default_rng(3)
+    w = xp.asarray(fp.draw_projection(8, 3, seed=0))
+    q, k, v = (xp.asarray(rng.standard_normal((2, 4, 3))) for _ in range(3))
+    _, state = fp.favor_attention_step(q, k, v, w)
+    empty = xp.asarray(np.zeros((2, 0, 3)))
+    out, same = fp.favor_attention_step(empty, empty, empty, w, state)
+    assert tuple(out.shape) == (2, 0, 3)
+    for got, want in zip(same, state):
+        np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+    out, fresh = fp.favor_attention_step(empty, empty, empty, w)
+    start = fp.init_causal_state(w, 3, batch_shape=(2,))
+    for got, want in zip(fresh, start):
+        assert tuple(got.shape) == tuple(want.shape) and got.dtype == want.dtype
+        np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+    # and the next tokens continue as if the empty step had not happened
+    later, _ = fp.favor_attention_step(q, k, v, w, same)
+    direct, _ = fp.favor_attention_step(q, k, v, w, state)
+    np.testing.assert_array_equal(xp.numpy(later), xp.numpy(direct))

@@ -61,6 +61,15 @@ def _parts(
     return qparts, kparts
 
 
+def _no_pairs(xp: Namespace, q: Array, k: Array, v: Array, batch: tuple[int, ...]) -> Array:
+    """Attention of inputs without a query or without a key: ``(q @ k^T) @ v``, which
+    is then empty, or exactly 0 (rows with no key to attend to return 0). Built from
+    the inputs, so that autodiff graphs stay connected (their gradients are 0)."""
+    out = xp.matmul(xp.matmul(q, xp.matrix_transpose(k)), v)
+    target = (*batch, q.shape[-2], v.shape[-1])
+    return out if tuple(out.shape) == target else xp.broadcast_to(out, target)
+
+
 def _favor_core(
     q: Array,
     k: Array,
@@ -76,6 +85,8 @@ def _favor_core(
     batch: tuple[int, ...],
 ) -> Array:
     qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
+    if qc.shape[-2] == 0 or kc.shape[-2] == 0:
+        return xp.astype(_no_pairs(xp, qc, kc, vc, batch), v.dtype, copy=False)
     if causal:
         from .causal import causal_attention
 
@@ -207,7 +218,8 @@ def favor_attention(
         Output row t depends on nothing after position t.
     key_mask : bool array, shape (..., Lk), optional
         True where a key takes part. A masked key changes neither numerator nor
-        denominator, whatever its values. Rows with no key to attend to return 0.
+        denominator, whatever its values. Rows with no key to attend to return 0
+        (also when Lk = 0; Lq = 0 gives an empty output).
     scale : float, optional
         Inner-product scale, default ``1 / sqrt(d)``.
     chunk_size : int, optional
@@ -310,6 +322,12 @@ def favor_attention_matrix(
     )
     xp = chk.xp
     qc, kc, _, w = _cast_inputs(xp, chk.dtype, q, k, k, projection, key_mask)
+    if qc.shape[-2] == 0 or kc.shape[-2] == 0:
+        empty = xp.matmul(qc, xp.matrix_transpose(kc))  # (..., Lq, Lk), no entry
+        target = (*chk.batch, qc.shape[-2], kc.shape[-2])
+        if tuple(empty.shape) != target:
+            empty = xp.broadcast_to(empty, target)
+        return xp.astype(empty, q.dtype, copy=False)
     qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern)
     qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
     scores = xp.matmul(qf, xp.matrix_transpose(kf))
@@ -349,7 +367,7 @@ def softmax_attention(
     array([2., 3., 4., 5.])
     """
     chk = check_attention_inputs(q, k, v, key_mask, scale, causal=causal)
-    statics = (chk.xp, chk.scale, chk.dtype, bool(causal))
+    statics = (chk.xp, chk.scale, chk.dtype, bool(causal), chk.batch)
     return call_core(_softmax_core, (q, k, v, key_mask), statics)
 
 
@@ -362,8 +380,11 @@ def _softmax_core(
     scale: float,
     dtype: Any,
     causal: bool,
+    batch: tuple[int, ...],
 ) -> Array:
     qc, kc, vc, _ = _cast_inputs(xp, dtype, q, k, v, None, key_mask)
+    if qc.shape[-2] == 0 or kc.shape[-2] == 0:
+        return xp.astype(_no_pairs(xp, qc, kc, vc, batch), v.dtype, copy=False)
     scores = xp.matmul(qc, xp.matrix_transpose(kc)) * scale
     allowed = None if key_mask is None else key_mask[..., None, :]
     if causal:

@@ -322,6 +322,19 @@ def causal_attention(
     not O(L m).
     """
     length = q.shape[-2]
+    if length == 0:
+        # No token: an empty output, and the state unchanged (or the empty one).
+        from .attention import _no_pairs
+
+        features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
+        if state is None:
+            state = _empty_state(xp, batch, features, v.shape[-1], q.dtype, device(q))
+        else:
+            state = CausalState(
+                xp.broadcast_to(state.numerator, (*batch, *state.numerator.shape[-2:])),
+                xp.broadcast_to(state.log_scale, batch),
+            )
+        return _no_pairs(xp, q, k, v, batch), state
     chunk = chunk_size if chunk_size is not None else _auto_chunk(length, q)
     training = any(needs_grad(x) for x in (q, k, v, w))
     block = block_length(q, batch, kern, w, chunk, training=training) or length
@@ -420,7 +433,7 @@ def favor_attention_step(
     ----------
     q, k : array, shape (..., T, d)
     v : array, shape (..., T, dv)
-        The next T tokens (T >= 1).
+        The next T tokens. T = 0 returns an empty output and the state unchanged.
     projection : array, shape (m, d)
     state : CausalState or None
         From :func:`init_causal_state` or a previous step; ``None`` starts afresh.
