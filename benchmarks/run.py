@@ -212,20 +212,27 @@ def _peak_rss() -> int:
 # Machine bound (the issue's definition).
 
 
-def machine_bound(L: int, repeats: int) -> dict[str, float]:
+def bound_probes(L: int) -> dict[str, Callable[[], Any]]:
+    """The three timings the machine bound is made of, as closures."""
     import torch
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    t_mm = best_time(lambda: a @ b, repeats + 2)
-    flops_rate = 2 * 2048**3 / t_mm
     x = torch.randn(H * L * M)
-    t_exp = best_time(lambda: torch.exp(x), repeats + 2)
-    exp_rate = x.numel() / t_exp
-    # The same exponentials written into memory that is already there (no page faults):
-    # the faster rate, hence the stricter bound, reported beside the issue's.
     out = torch.empty_like(x)
-    t_exp_out = best_time(lambda: torch.exp(x, out=out), repeats + 2)
-    exp_rate_out = x.numel() / t_exp_out
+    return {
+        "matmul 2048": lambda: a @ b,
+        "exp": lambda: torch.exp(x),
+        # The same exponentials written into memory that is already there (no page
+        # faults): the faster rate, hence the stricter bound, reported beside the issue's.
+        "exp in place": lambda: torch.exp(x, out=out),
+    }
+
+
+def bound_from(times: dict[str, float], L: int) -> dict[str, float]:
+    """The machine bound at length L from the timings of :func:`bound_probes`."""
+    flops_rate = 2 * 2048**3 / times["matmul 2048"]
+    exp_rate = H * L * M / times["exp"]
+    exp_rate_out = H * L * M / times["exp in place"]
     flops = 4 * 2 * H * L * D * M
     exps = 2 * H * L * M
     return {
@@ -235,6 +242,11 @@ def machine_bound(L: int, repeats: int) -> dict[str, float]:
         "exp_per_s_in_place": exp_rate_out,
         "strict_bound_s": flops / flops_rate + exps / exp_rate_out,
     }
+
+
+def machine_bound(L: int, repeats: int) -> dict[str, float]:
+    times = {name: best_time(fn, repeats + 2) for name, fn in bound_probes(L).items()}
+    return bound_from(times, L)
 
 
 def causal_products(L: int, chunk: int, block: int) -> Callable[[], None]:
@@ -293,6 +305,10 @@ def causal_product_floor(L: int, repeats: int) -> dict[str, Any]:
             )
     best = min(times, key=times.__getitem__)
     return {"best_s": times[best], "best": best, "each_s": times}
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 # ----------------------------------------------------------------------------------
@@ -362,18 +378,43 @@ def bench_causal(quick: bool, repeats: int) -> dict[str, Any]:
     mem_ours = peak_memory("favorplus-torch", Lm, causal=True, grad=True)
     mem_theirs = peak_memory("performer-pytorch", Lm, causal=True, grad=True)
     Lb = 2048 if quick else 8192
-    pair = [make("favorplus-torch", Lb, causal=True), make("favorplus-torch", Lb)]
-    # Three independent measurements of the ratio, to show its scatter.
-    sessions = [interleaved_best(pair, rounds=2 * repeats + 1) for _ in range(1 if quick else 3)]
-    ratios = sorted(c / b for c, b in sessions)
-    fwd_causal, fwd_bidir = min(
-        sessions, key=lambda cb: abs(cb[0] / cb[1] - ratios[len(ratios) // 2])
-    )
-    bound = machine_bound(Lb, repeats)
     floor = causal_product_floor(Lb, repeats)
+    chunk, block = (int(part.split("=")[1]) for part in floor["best"].split(", "))
+    # Everything a ratio is made of runs in the same interleaved session (this machine
+    # is shared: its speed changes from minute to minute); three independent sessions.
+    timed = {
+        "causal": make("favorplus-torch", Lb, causal=True),
+        "bidirectional": make("favorplus-torch", Lb),
+        "products": causal_products(Lb, chunk, block),
+        **bound_probes(Lb),
+    }
     exps = 2 * H * Lb * M
-    reachable = floor["best_s"] + exps / bound["exp_per_s"]
-    reachable_strict = floor["best_s"] + exps / bound["exp_per_s_in_place"]
+    sessions = []
+    for _ in range(1 if quick else 3):
+        t = dict(zip(timed, interleaved_best(list(timed.values()), rounds=2 * repeats + 1)))
+        b = bound_from(t, Lb)
+        reachable = t["products"] + exps / b["exp_per_s"]
+        reachable_strict = t["products"] + exps / b["exp_per_s_in_place"]
+        sessions.append(
+            {
+                "ms causal, bidirectional, products": [
+                    1e3 * t["causal"],
+                    1e3 * t["bidirectional"],
+                    1e3 * t["products"],
+                ],
+                "causal / bidirectional": t["causal"] / t["bidirectional"],
+                "fraction of machine bound": b["bound_s"] / t["causal"],
+                "fraction of the strict bound": b["strict_bound_s"] / t["causal"],
+                "reachable fraction of machine bound": b["bound_s"] / reachable,
+                "reachable fraction of the strict bound": b["strict_bound_s"] / reachable_strict,
+                "products + exps / bidirectional": reachable_strict / t["bidirectional"],
+                "machine": b,
+            }
+        )
+
+    def med(key: str) -> float:
+        return _median([s[key] for s in sessions])
+
     small, large = (1024, 4096) if quick else (4096, 16384)
     peak_small = peak_memory("favorplus-torch", small, causal=True)
     peak_large = peak_memory("favorplus-torch", large, causal=True)
@@ -383,25 +424,25 @@ def bench_causal(quick: bool, repeats: int) -> dict[str, Any]:
         },
         f"favorplus/performer peak memory, causal fwd+bwd, L={Lm}": mem_ours / mem_theirs,
         f"peak MiB at L={Lm} (favorplus, performer)": [mem_ours, mem_theirs],
-        f"fraction of machine bound, causal fwd, L={Lb}": bound["bound_s"] / fwd_causal,
-        f"fraction of the strict bound (exp in place), causal fwd, L={Lb}": bound["strict_bound_s"]
-        / fwd_causal,
-        f"ms of the causal matrix products alone, L={Lb} (best: {floor['best']})": 1e3
-        * floor["best_s"],
-        f"largest reachable fraction of machine bound, causal, L={Lb} (products + exps)": bound[
-            "bound_s"
-        ]
-        / reachable,
-        f"largest reachable fraction of the strict bound, causal, L={Lb}": bound["strict_bound_s"]
-        / reachable_strict,
-        f"causal products + exps / bidirectional fwd, L={Lb}": reachable_strict / fwd_bidir,
-        f"causal fwd / bidirectional fwd, L={Lb} (interleaved; median)": fwd_causal / fwd_bidir,
-        f"causal fwd / bidirectional fwd, L={Lb}, each measurement": ratios,
-        f"ms causal fwd, bidirectional fwd, L={Lb}": [1e3 * fwd_causal, 1e3 * fwd_bidir],
+        f"causal fwd / bidirectional fwd, L={Lb} (median of the sessions)": med(
+            "causal / bidirectional"
+        ),
+        f"causal fwd / bidirectional fwd, L={Lb}, each session": [
+            s["causal / bidirectional"] for s in sessions
+        ],
+        f"fraction of machine bound, causal fwd, L={Lb} (median)": med("fraction of machine bound"),
+        f"fraction of the strict bound (exp in place), causal fwd, L={Lb} (median)": med(
+            "fraction of the strict bound"
+        ),
+        f"causal matrix products alone ({floor['best']}): reachable fraction of the "
+        "strict bound (median)": med("reachable fraction of the strict bound"),
+        "the same products + exps / bidirectional fwd (median)": med(
+            "products + exps / bidirectional"
+        ),
         f"peak ratio causal fwd L={large} / L={small}": peak_large / peak_small,
         f"peak MiB causal fwd L={small}, L={large}": [peak_small, peak_large],
-        "machine": bound,
-        "causal products": floor,
+        "sessions": sessions,
+        "causal products, each chunk and block": floor,
     }
     return {"rows": rows, "summary": summary}
 
@@ -414,6 +455,8 @@ def _fmt(x: Any) -> str:
         return f"{x:.4g}"
     if isinstance(x, dict):
         return ", ".join(f"{k}: {_fmt(v)}" for k, v in x.items())
+    if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
+        return "".join(f"\n    {_fmt(v)}" for v in x)
     if isinstance(x, list):
         return ", ".join(_fmt(v) for v in x)
     return str(x)
