@@ -116,6 +116,10 @@ def test_num_features_and_dim():
         fp.draw_projection(4, 4, norms="unit")
     with pytest.raises(TypeError, match=r"seed must be an int.*str"):
         fp.draw_projection(4, 4, seed="0")
+    with pytest.raises(TypeError, match=r"seed must be an int.*bool"):
+        fp.draw_projection(4, 4, seed=True)
+    with pytest.raises(ValueError, match=r"seed must be a non-negative int; got -1"):
+        fp.draw_projection(4, 4, seed=-1)
 
 
 def test_empty_projection(xp, qkvw):

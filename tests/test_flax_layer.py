@@ -156,6 +156,10 @@ def test_errors_name_the_argument():
         FavorAttention(3, 16, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="key"):
         layer.redraw_projection("seed")
+    with pytest.raises(TypeError, match=r"key.*bool"):
+        layer.redraw_projection(True)
+    with pytest.raises(ValueError, match="key must be a non-negative int; got -1"):
+        layer.redraw_projection(-1)
 
     @jax.jit
     def inside(key):

@@ -322,6 +322,8 @@ def test_layer_errors_name_the_argument():
         FavorAttention(16, 2, redraw_interval=0)
     with pytest.raises(TypeError, match="seed"):
         FavorAttention(16, 2, seed=1.5)
+    with pytest.raises(ValueError, match="seed must be a non-negative int; got -3"):
+        FavorAttention(16, 2, seed=-3)
 
 
 def test_default_number_of_features():

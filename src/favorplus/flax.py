@@ -19,7 +19,7 @@ from flax import nnx
 
 from .attention import favor_attention
 from .features import KernelLike
-from .projection import default_num_features, draw_projection
+from .projection import default_num_features, draw_projection, host_generator
 
 __all__ = ["FavorAttention", "FeatureProjection", "redraw_projections"]
 
@@ -30,10 +30,10 @@ class FeatureProjection(nnx.Variable):
 
 def _host_generator(source: Any) -> np.random.Generator:
     """A NumPy generator from an int seed, a Generator, or a JAX PRNG key (new-style or raw)."""
-    if isinstance(source, np.random.Generator):
-        return source
-    if isinstance(source, numbers.Integral) and not isinstance(source, bool):
-        return np.random.default_rng(int(source))
+    if isinstance(source, np.random.Generator) or (
+        isinstance(source, numbers.Integral) and not isinstance(source, bool)
+    ):
+        return host_generator(source, "key")
     if isinstance(source, jax.Array):
         if isinstance(source, jax.core.Tracer):
             raise TypeError(

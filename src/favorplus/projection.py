@@ -22,6 +22,23 @@ _KINDS = ("orthogonal", "iid")
 _NORMS = ("chi", "sqrt_d")
 
 
+def host_generator(seed: Any, name: str = "seed") -> np.random.Generator:
+    """The host generator for ``seed``: a :class:`numpy.random.Generator` is used as
+    is, an int >= 0 seeds a new one, None draws fresh entropy. Anything else (bools
+    included) is an error that names ``name``."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None:
+        return np.random.default_rng()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int, a numpy.random.Generator or None; got {type(seed).__name__}"
+        )
+    if seed < 0:
+        raise ValueError(f"{name} must be a non-negative int; got {seed}")
+    return np.random.default_rng(int(seed))
+
+
 def _haar_orthogonal(rng: np.random.Generator, dim: int) -> np.ndarray:
     """One Haar-distributed orthogonal ``dim x dim`` matrix.
 
@@ -151,17 +168,13 @@ def draw_projection(
         raise ValueError(f"kind must be one of {_KINDS}; got {kind!r}")
     if norms not in _NORMS:
         raise ValueError(f"norms must be one of {_NORMS}; got {norms!r}")
-    if seed is not None and not isinstance(seed, (numbers.Integral, np.random.Generator)):
-        raise TypeError(
-            f"seed must be an int, a numpy.random.Generator or None; got {type(seed).__name__}"
-        )
+    rng = host_generator(seed)
     if like is not None:
         like_xp = array_api_compat.array_namespace(like)
         xp = like_xp if xp is None else xp
         device = array_api_compat.device(like) if device is None else device
         dtype = like.dtype if dtype is None else dtype
 
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     num_features, dim = int(num_features), int(dim)
     if kind == "iid":
         w = rng.standard_normal((num_features, dim))

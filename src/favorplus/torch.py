@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from .attention import favor_attention
 from .features import KernelLike
-from .projection import default_num_features, draw_projection
+from .projection import default_num_features, draw_projection, host_generator
 
 __all__ = ["FavorAttention", "redraw_projections", "scaled_dot_product_attention"]
 
@@ -171,16 +171,6 @@ def scaled_dot_product_attention(
         )
 
 
-def _generator(seed: Seed) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(
-            f"seed must be an int, a numpy.random.Generator or None; got {type(seed).__name__}"
-        )
-    return np.random.default_rng(seed)
-
-
 class FavorAttention(nn.Module):
     """Multi-head FAVOR+ attention, a drop-in for :class:`torch.nn.MultiheadAttention`.
 
@@ -282,7 +272,7 @@ class FavorAttention(nn.Module):
         self.num_features = (
             default_num_features(self.head_dim) if num_features is None else num_features
         )
-        self._rng = _generator(seed)
+        self._rng = host_generator(seed)
         self._training_calls = 0
 
         if self._qkv_same_embed_dim:
@@ -344,7 +334,7 @@ class FavorAttention(nn.Module):
         seed : int, numpy.random.Generator or None
             Draw from this seed or generator; None: from the layer's own generator.
         """
-        rng = self._rng if seed is None else _generator(seed)
+        rng = self._rng if seed is None else host_generator(seed)
         new = draw_projection(
             self.num_features,
             self.head_dim,
@@ -508,7 +498,7 @@ def redraw_projections(module: nn.Module, seed: Seed = None) -> int:
     int
         How many layers were redrawn.
     """
-    rng = None if seed is None else _generator(seed)
+    rng = None if seed is None else host_generator(seed)
     count = 0
     for layer in module.modules():
         if isinstance(layer, FavorAttention):
