@@ -261,6 +261,11 @@ def test_state_shapes_and_errors(xp):
         fp.favor_attention_step(q, q, v, w, st0)  # softmax has 8 features, not 16
     with pytest.raises(TypeError, match="state"):
         fp.favor_attention_step(q, q, v, w, "not a state")
+    assert fp.init_causal_state(w, 3, batch_shape=5).log_scale.shape == (5,)
+    with pytest.raises(ValueError, match=r"batch_shape must not have negative sizes; got \(2, -1"):
+        fp.init_causal_state(w, 3, batch_shape=(2, -1))
+    with pytest.raises(TypeError, match="batch_shape must be a tuple of ints"):
+        fp.init_causal_state(w, 3, batch_shape=(2.0,))
 
 
 def test_causal_needs_equal_lengths(xp):

@@ -145,6 +145,13 @@ def test_unknown_kernel_and_bad_scale(xp, qkvw):
         fp.favor_attention(q, k, v, None)
     with pytest.raises(ValueError, match=r"chunk_size must be at least 1; got 0"):
         fp.favor_attention(q, k, v, w, causal=True, chunk_size=0)
+    # A flag that is not a bool ("False" would count as true): an error, not a guess.
+    for bad in ("False", 1, None):
+        with pytest.raises(TypeError, match=r"causal must be a bool; got"):
+            fp.favor_attention(q, k, v, w, causal=bad)
+        with pytest.raises(TypeError, match=r"causal must be a bool; got"):
+            fp.softmax_attention(q, k, v, causal=bad)
+    assert fp.favor_attention(q, k, v, w, causal=np.bool_(True)).shape == v.shape
 
 
 def test_too_few_dimensions(xp, qkvw):

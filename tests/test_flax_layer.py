@@ -160,6 +160,8 @@ def test_errors_name_the_argument():
         layer.redraw_projection(True)
     with pytest.raises(ValueError, match="key must be a non-negative int; got -1"):
         layer.redraw_projection(-1)
+    with pytest.raises(TypeError, match="is_causal must be a bool; got str"):
+        layer(x, is_causal="False")
 
     @jax.jit
     def inside(key):

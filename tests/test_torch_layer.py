@@ -285,6 +285,7 @@ def test_sdpa_grouped_query_heads():
         ({"attn_mask": "per-query"}, ValueError, "attn_mask"),
         ({"attn_mask": "wrong-length"}, ValueError, "attn_mask"),
         ({"enable_gqa": True, "kv_heads": 4}, ValueError, "enable_gqa"),
+        ({"is_causal": "False"}, TypeError, "is_causal must be a bool"),
     ],
 )
 def test_sdpa_errors_name_the_argument(kwargs, error, words):
@@ -324,6 +325,10 @@ def test_layer_errors_name_the_argument():
         FavorAttention(16, 2, seed=1.5)
     with pytest.raises(ValueError, match="seed must be a non-negative int; got -3"):
         FavorAttention(16, 2, seed=-3)
+    with pytest.raises(TypeError, match="causal must be a bool; got str"):
+        FavorAttention(16, 2, causal="False")
+    with pytest.raises(TypeError, match="is_causal must be a bool; got str"):
+        layer(x, is_causal="False")
 
 
 def test_default_number_of_features():

@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ._backend import Array, Namespace, broadcast_shapes, check_float, common_namespace
 from .features import Kernel
 
@@ -61,6 +63,14 @@ class Checked:
     dtype: Any
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool: Python's or NumPy's bool only (a string such as "False"
+    or a number would otherwise silently count as true or false)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+
+
 def check_attention_inputs(
     q: Array,
     k: Array,
@@ -74,6 +84,8 @@ def check_attention_inputs(
 ) -> Checked:
     """Check q, k, v, key_mask, projection and scale together."""
     from ._backend import compute_dtype
+
+    causal = check_flag("causal", causal)
 
     xp = common_namespace(q=q, k=k, v=v, projection=projection, key_mask=key_mask)
     for name, x in (("q", q), ("k", k), ("v", v)):

@@ -363,7 +363,7 @@ def init_causal_state(
     projection: Array,
     value_dim: int,
     *,
-    batch_shape: tuple[int, ...] = (),
+    batch_shape: tuple[int, ...] | int = (),
     kernel: KernelLike = "softmax",
     dtype: Any = None,
 ) -> CausalState:
@@ -375,7 +375,7 @@ def init_causal_state(
         The projection the steps will use (gives the namespace and device).
     value_dim : int
         dv, the last dimension of the values.
-    batch_shape : tuple of int
+    batch_shape : tuple of int, or int
         Leading dimensions of the state, e.g. ``(batch, heads)``; they broadcast
         with those of the steps' inputs.
     kernel : str or callable
@@ -403,12 +403,25 @@ def init_causal_state(
     dt = compute_dtype(xp, projection) if dtype is None else dtype
     return _empty_state(
         xp,
-        tuple(int(b) for b in batch_shape),
+        _check_batch_shape(batch_shape),
         kern.num_features(projection.shape[0]),
         int(value_dim),
         dt,
         device(projection),
     )
+
+
+def _check_batch_shape(batch_shape: Any) -> tuple[int, ...]:
+    """``batch_shape`` as a tuple of ints >= 0 (an int n stands for (n,))."""
+    if isinstance(batch_shape, numbers.Integral) and not isinstance(batch_shape, bool):
+        batch_shape = (batch_shape,)
+    if not isinstance(batch_shape, (tuple, list)) or not all(
+        isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in batch_shape
+    ):
+        raise TypeError(f"batch_shape must be a tuple of ints; got {batch_shape!r}")
+    if any(b < 0 for b in batch_shape):
+        raise ValueError(f"batch_shape must not have negative sizes; got {tuple(batch_shape)}")
+    return tuple(int(b) for b in batch_shape)
 
 
 def favor_attention_step(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ._validation import check_flag
 from .attention import favor_attention
 from .features import KernelLike
 from .projection import default_num_features, draw_projection, host_generator
@@ -129,7 +130,7 @@ class FavorAttention(nnx.Module):
         self.kernel = kernel
         self.kind = kind
         self.norms = norms
-        self.causal = bool(causal)
+        self.causal = check_flag("causal", causal)
         self.chunk_size = chunk_size
         self.num_features = (
             default_num_features(self.head_dim) if num_features is None else num_features
@@ -224,7 +225,7 @@ class FavorAttention(nnx.Module):
             v,
             self.projection.get_value(),
             kernel=self.kernel,
-            causal=self.causal or bool(is_causal),
+            causal=self.causal or check_flag("is_causal", is_causal),
             key_mask=key_mask,
             chunk_size=self.chunk_size,
         )

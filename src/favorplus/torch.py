@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._validation import check_flag
 from .attention import favor_attention
 from .features import KernelLike
 from .projection import default_num_features, draw_projection, host_generator
@@ -164,7 +165,7 @@ def scaled_dot_product_attention(
             value,
             projection,
             kernel=kernel,
-            causal=is_causal,
+            causal=check_flag("is_causal", is_causal),
             key_mask=key_mask,
             scale=scale,
             chunk_size=chunk_size,
@@ -266,7 +267,7 @@ class FavorAttention(nn.Module):
         self.kernel = kernel
         self.kind = kind
         self.norms = norms
-        self.causal = bool(causal)
+        self.causal = check_flag("causal", causal)
         self.chunk_size = chunk_size
         self.redraw_interval = redraw_interval
         self.num_features = (
@@ -406,7 +407,7 @@ class FavorAttention(nn.Module):
                 "need_weights must be False: FAVOR+ never forms the attention weights "
                 "(favorplus.favor_attention_matrix computes them for diagnostics)"
             )
-        causal = self.causal or bool(is_causal)
+        causal = self.causal or check_flag("is_causal", is_causal)
         if attn_mask is not None and not is_causal:
             raise ValueError(
                 "attn_mask is not supported by FAVOR+ attention except as the causal mask "
