@@ -44,7 +44,7 @@ from ._backend import (
     subtract,
 )
 from ._stabilize import NEG_INF, query_features
-from .attention import _cast_inputs, _parts, block_length, safe_divide
+from .attention import _cast_inputs, _no_pairs, _parts, block_length, safe_divide
 from .features import FeatureParts, KernelLike, resolve_kernel
 
 __all__ = ["CausalState", "favor_attention_step", "init_causal_state"]
@@ -324,8 +324,6 @@ def causal_attention(
     length = q.shape[-2]
     if length == 0:
         # No token: an empty output, and the state unchanged (or the empty one).
-        from .attention import _no_pairs
-
         features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
         if state is None:
             state = _empty_state(xp, batch, features, v.shape[-1], q.dtype, device(q))

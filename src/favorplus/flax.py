@@ -225,7 +225,7 @@ class FavorAttention(nnx.Module):
             v,
             self.projection.get_value(),
             kernel=self.kernel,
-            causal=self.causal or check_flag("is_causal", is_causal),
+            causal=check_flag("is_causal", is_causal) or self.causal,
             key_mask=key_mask,
             chunk_size=self.chunk_size,
         )

@@ -407,7 +407,7 @@ class FavorAttention(nn.Module):
                 "need_weights must be False: FAVOR+ never forms the attention weights "
                 "(favorplus.favor_attention_matrix computes them for diagnostics)"
             )
-        causal = self.causal or check_flag("is_causal", is_causal)
+        causal = check_flag("is_causal", is_causal) or self.causal
         if attn_mask is not None and not is_causal:
             raise ValueError(
                 "attn_mask is not supported by FAVOR+ attention except as the causal mask "
