@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import importlib.metadata
 import io
 import json
@@ -45,7 +43,7 @@ from typing import Any
 import numpy as np
 
 import paper_theory as theory
-from run import D, H, M, _peak_rss, _rss, inputs, make, progress
+from run import D, H, M, _peak_rss, _rss, inputs, make, progress, release_and_reset
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -144,22 +142,6 @@ def fmt(x: float | None, digits: int = 3) -> str:
 # Time and peak memory of one callable; speed figures run each backend in a fresh process.
 
 
-def _release_and_reset() -> bool:
-    """Return freed heap memory to the system and reset this process's VmHWM to VmRSS.
-
-    False where the high-water mark cannot be reset (no writable /proc/self/clear_refs).
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def measure(fn: Callable[[], Any], repeats: int, slow: float) -> dict[str, Any]:
     """Time (s) and peak extra resident memory (MiB) of ``fn()``.
 
@@ -170,7 +152,7 @@ def measure(fn: Callable[[], Any], repeats: int, slow: float) -> dict[str, Any]:
     system and the high-water mark is reset, so the peak (VmHWM) minus the resident
     size just before the call (inputs included in neither) is that call's own.
     """
-    ok = _release_and_reset()
+    ok = release_and_reset()
     before = _rss()
     t0 = time.perf_counter()
     fn()
@@ -183,7 +165,7 @@ def measure(fn: Callable[[], Any], repeats: int, slow: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    ok = _release_and_reset()
+    ok = release_and_reset()
     before = _rss()
     fn()
     peak = (_peak_rss() - before) / 2**20 if ok else math.nan

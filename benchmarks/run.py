@@ -7,8 +7,10 @@
 Timings are the best of a few repeats after a warm-up, forward passes without
 autograd unless "fwd+bwd" is said; two timings whose ratio is a goal (causal and
 bidirectional forward) run in alternation, so that both see the same machine state.
-Peak memory is the peak resident set size of a fresh subprocess running one call,
-minus its size just before the call (inputs included in neither). Results are
+Peak memory is the peak resident set size of a fresh subprocess during one call,
+minus its size just before the call (inputs included in neither): after a first call on
+64 tokens (the libraries' lazy set-up is not counted), with freed heap memory returned
+to the system and the peak counter reset just before the call. Results are
 printed and written as JSON to benchmarks/results/<name>.json (or the folder given
 by --out).
 
@@ -20,6 +22,9 @@ plain torch / numpy, to show what the array API layer costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import math
 import os
@@ -193,10 +198,32 @@ def peak_memory(impl: str, L: int, *, causal: bool = False, grad: bool = False) 
 
 def _peak_child(spec: str) -> None:
     s = json.loads(spec)
+    # A first call on 64 tokens: the libraries' lazy set-up (thread pools, buffers) is
+    # not part of the peak of a call at length L.
+    make(s["impl"], 64, causal=s["causal"], grad=s["grad"])()
     fn = make(s["impl"], s["L"], causal=s["causal"], grad=s["grad"])
+    ok = release_and_reset()
     before = _rss()
     fn()
-    print((_peak_rss() - before) / 2**20)
+    print((_peak_rss() - before) / 2**20 if ok else math.nan)
+
+
+def release_and_reset() -> bool:
+    """Return freed heap memory to the system (glibc) and reset this process's peak
+    resident size (VmHWM) to its current one (Linux): a call measured next cannot
+    reuse pages already counted, and its peak is its own.
+
+    False where the peak cannot be reset (no writable /proc/self/clear_refs).
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _peak_rss() -> int:
