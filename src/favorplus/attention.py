@@ -31,9 +31,12 @@ def _apply_key_mask(xp: Namespace, x: Array, key_mask: Array | None) -> Array:
 
 
 def safe_divide(xp: Namespace, num: Array, den: Array) -> Array:
-    """``num / den``, and 0 on rows whose normaliser is exactly 0 (no key to attend to)."""
-    zero = den == 0
-    return xp.where(zero, 0.0, num / xp.where(zero, 1.0, den))
+    """``num / den``, and 0 on rows whose normaliser is exactly 0 (no key to attend to).
+
+    There the divisor becomes inf (finite / inf = 0): one select on the small ``den``,
+    none on the output; other rows are divided exactly as by ``den``.
+    """
+    return num / xp.where(den == 0, float("inf"), den)
 
 
 def _cast_inputs(
