@@ -5,10 +5,11 @@
     python benchmarks/run.py --quick              # small sizes, under a minute
 
 Timings are the best of a few repeats after a warm-up, forward passes without
-autograd unless "fwd+bwd" is said. The causal forward, the bidirectional forward and the
-machine bound's probes, whose ratios are goals, run in alternation, so that they see the
-same machine state; implementations of very different memory use run one after the
-other instead (a call right after one that used gigabytes runs on cold memory).
+autograd unless "fwd+bwd" is said. Timings whose ratios are goals run in alternation,
+so that they see the same machine state: favorplus, plain and performer-pytorch per
+backend and length; the causal forward, the bidirectional forward and the machine
+bound's probes. Implementations of very different memory use run one after the other
+instead (a call right after one that used gigabytes runs on cold memory).
 Peak memory is the peak resident set size of a fresh subprocess during one call,
 minus its size just before the call (inputs included in neither): after a first call on
 64 tokens (the libraries' lazy set-up is not counted), with freed heap memory returned
@@ -273,11 +274,6 @@ def bound_from(times: dict[str, float], L: int) -> dict[str, float]:
     }
 
 
-def machine_bound(L: int, repeats: int) -> dict[str, float]:
-    times = {name: best_time(fn, repeats + 2) for name, fn in bound_probes(L).items()}
-    return bound_from(times, L)
-
-
 def causal_products(L: int, chunk: int, block: int) -> Callable[[], None]:
     """The matrix products alone that chunked causal FAVOR+ needs at length L, in
     torch on random data of the right shapes: no exponential, no elementwise step.
@@ -356,22 +352,32 @@ def bench_bidirectional(quick: bool, repeats: int) -> dict[str, Any]:
         "exact-numpy",
     ]
     exact_cap = 8192
-    rows = []
-    total = len(lengths) * len(impls)
-    i = 0
-    for L in lengths:
-        row: dict[str, Any] = {"L": L}
-        for impl in impls:
-            progress(i, total, f"bidirectional {impl} L={L}")
-            i += 1
-            if impl.startswith("exact") and L > exact_cap:
-                row[impl] = None
-                continue
-            row[impl] = best_time(make(impl, L), repeats)
-        rows.append(row)
-    progress(total, total, "bidirectional done")
+    # The implementations whose ratios are goals, in alternation per group (same memory
+    # use, so no one runs on memory another left cold); exact attention, which needs
+    # gigabytes, one after the other at the end.
+    groups = [
+        ["favorplus-torch", "plain-torch", "performer-pytorch"],
+        ["favorplus-numpy", "plain-numpy"],
+    ]
     Lb = 2048 if quick else 8192
-    bound = machine_bound(Lb, repeats)
+    rows = []
+    bound: dict[str, float] = {}
+    total = len(lengths)
+    for i, L in enumerate(lengths):
+        progress(i, total, f"bidirectional L={L}")
+        row: dict[str, Any] = {"L": L}
+        for group in groups:
+            timed: dict[str, Callable[[], Any]] = {impl: make(impl, L) for impl in group}
+            if L == Lb and "favorplus-torch" in group:
+                timed.update(bound_probes(L))  # the bound in the same session
+            times = interleaved_best(list(timed.values()), rounds=2 * repeats + 1)
+            row.update(zip(timed, times))
+            if L == Lb and "favorplus-torch" in group:
+                bound = bound_from(row, L)
+        for impl in ("exact-torch", "exact-numpy"):
+            row[impl] = best_time(make(impl, L), repeats) if L <= exact_cap else None
+        rows.append({"L": L, **{impl: row[impl] for impl in impls}})
+    progress(total, total, "bidirectional done")
     at = next(r for r in rows if r["L"] == Lb)
     mem = {L: peak_memory("favorplus-torch", L) for L in ([1024, 2048] if quick else [4096, 16384])}
     summary = {
