@@ -64,13 +64,17 @@ def _parts(
     return qparts, kparts
 
 
+def to_batch(xp: Namespace, x: Array, batch: tuple[int, ...], tail: int) -> Array:
+    """``x`` broadcast to ``(*batch, *x.shape[-tail:])`` (x itself if it has that shape)."""
+    target = (*batch, *x.shape[x.ndim - tail :])
+    return x if tuple(x.shape) == target else xp.broadcast_to(x, target)
+
+
 def _no_pairs(xp: Namespace, q: Array, k: Array, v: Array, batch: tuple[int, ...]) -> Array:
     """Attention of inputs without a query or without a key: ``(q @ k^T) @ v``, which
     is then empty, or exactly 0 (rows with no key to attend to return 0). Built from
     the inputs, so that autodiff graphs stay connected (their gradients are 0)."""
-    out = xp.matmul(xp.matmul(q, xp.matrix_transpose(k)), v)
-    target = (*batch, q.shape[-2], v.shape[-1])
-    return out if tuple(out.shape) == target else xp.broadcast_to(out, target)
+    return to_batch(xp, xp.matmul(xp.matmul(q, xp.matrix_transpose(k)), v), batch, 2)
 
 
 def _favor_core(
@@ -326,10 +330,7 @@ def favor_attention_matrix(
     xp = chk.xp
     qc, kc, _, w = _cast_inputs(xp, chk.dtype, q, k, k, projection, key_mask)
     if qc.shape[-2] == 0 or kc.shape[-2] == 0:
-        empty = xp.matmul(qc, xp.matrix_transpose(kc))  # (..., Lq, Lk), no entry
-        target = (*chk.batch, qc.shape[-2], kc.shape[-2])
-        if tuple(empty.shape) != target:
-            empty = xp.broadcast_to(empty, target)
+        empty = to_batch(xp, xp.matmul(qc, xp.matrix_transpose(kc)), chk.batch, 2)  # no entry
         return xp.astype(empty, q.dtype, copy=False)
     qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern)
     qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)

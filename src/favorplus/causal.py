@@ -44,7 +44,7 @@ from ._backend import (
     subtract,
 )
 from ._stabilize import NEG_INF, query_features
-from .attention import _cast_inputs, _no_pairs, _parts, block_length, safe_divide
+from .attention import _cast_inputs, _no_pairs, _parts, block_length, safe_divide, to_batch
 from .features import FeatureParts, KernelLike, resolve_kernel
 
 __all__ = ["CausalState", "favor_attention_step", "init_causal_state"]
@@ -281,10 +281,7 @@ def causal_from_parts(
     num_features = qf.shape[-1]
 
     def full(x: Array | None, tail: int) -> Array | None:
-        if x is None:
-            return None
-        target = (*batch, *x.shape[x.ndim - tail :])
-        return x if tuple(x.shape) == target else xp.broadcast_to(x, target)
+        return None if x is None else to_batch(xp, x, batch, tail)
 
     qf = full(qf, 2)
     lk = full(kparts.log, 2)
@@ -329,8 +326,7 @@ def causal_attention(
             state = _empty_state(xp, batch, features, v.shape[-1], q.dtype, device(q))
         else:
             state = CausalState(
-                xp.broadcast_to(state.numerator, (*batch, *state.numerator.shape[-2:])),
-                xp.broadcast_to(state.log_scale, batch),
+                to_batch(xp, state.numerator, batch, 2), to_batch(xp, state.log_scale, batch, 0)
             )
         return _no_pairs(xp, q, k, v, batch), state
     chunk = chunk_size if chunk_size is not None else _auto_chunk(length, q)
