@@ -110,8 +110,7 @@ def _select(parser: argparse.ArgumentParser, spec: str | None) -> list[str]:
             f"{b}: python -m pip install 'favorplus[{BACKENDS[b][1]}]'" for b in missing
         )
         parser.error(
-            f"--backends: {', '.join(missing)} not installed ({hints}); "
-            f"installed here: {installed}"
+            f"--backends: {', '.join(missing)} not installed ({hints}); installed here: {installed}"
         )
     return list(dict.fromkeys(names))
 
