@@ -230,3 +230,16 @@ def test_transformer_encoder_clones_get_distinct_redraws():
     other = build()
     redraw_projections(other)
     assert all(torch.equal(a, b) for a, b in zip(drawn, _projections(other), strict=True))
+
+
+def test_performerize_passes_the_favor_options_on():
+    model = performerize(
+        _transformer(), num_features=12, kernel="relu", causal=True, redraw_interval=5,
+        chunk_size=16, save_projection=False, seed=0,
+    )  # fmt: skip
+    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
+    assert len(layers) == 4
+    for layer in layers:
+        assert (layer.num_features, layer.kernel, layer.causal) == (12, "relu", True)
+        assert (layer.redraw_interval, layer.chunk_size) == (5, 16)
+        assert "projection" not in layer.state_dict()
