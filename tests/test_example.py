@@ -39,3 +39,28 @@ def test_quick_training_learns_to_copy(framework, tmp_path):
         assert last < first, name
         assert r["eval_loss"] < 0.3 * chance, (name, r["eval_loss"])
         assert r["eval_accuracy"] > 0.7, (name, r["eval_accuracy"])
+
+
+PERFORMERIZE = Path(__file__).parents[1] / "examples" / "performerize.py"
+
+
+def test_quick_conversion_recovers_the_loss(tmp_path):
+    """examples/performerize.py --quick: converting a trained exact model with one call
+    first raises its loss (FAVOR+ only approximates the attention it was trained with),
+    fine-tuning recovers it, faster than training the Performer from scratch."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch not installed")
+    out = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, str(PERFORMERIZE), "--quick", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    r = json.loads(out.read_text())
+    chance = r["chance_loss"]
+    assert r["exact_final"] < 0.3 * chance  # the exact model learned to copy
+    assert r["converted"] > 2 * r["exact_final"]  # the conversion costs accuracy ...
+    assert r["finetuned_final"] < 0.5 * r["converted"]  # ... which fine-tuning recovers
+    assert r["finetuned_final"] < r["scratch_final"]  # faster than from scratch
+    assert r["finetune"][0] == [r["config"]["pretrain_steps"], r["converted"]]

@@ -65,7 +65,7 @@ def test_layer_output_equals_core_function(dev, causal):
     pad[0, -5:] = True
     pad[2, :3] = True
     keys = x if causal else y
-    out, weights = layer(x, keys, keys, key_padding_mask=pad, is_causal=causal)
+    out, weights = layer(x, keys, keys, key_padding_mask=pad, is_causal=causal, need_weights=False)
     assert weights is None
     expected = _manual(layer, x, keys, keys, pad, causal)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
@@ -224,19 +224,37 @@ def test_compiles_fullgraph_and_follows_redraws(dev):
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
 
 
+def test_compiles_fullgraph_with_the_masks_torch_modules_pass():
+    # What nn.TransformerEncoderLayer hands on: a float padding mask and the causal
+    # mask with the is_causal hint; plus a zero key and dropout in training mode.
+    layer = FavorAttention(16, 2, 0.2, add_zero_attn=True, batch_first=True, seed=0).eval()
+    x = _x((2, 12, 16))
+    pad = torch.zeros(2, 12).masked_fill(torch.arange(12) >= 9, float("-inf"))
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(12)
+    kwargs = dict(key_padding_mask=pad, attn_mask=causal, is_causal=True, need_weights=False)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(
+        compiled(x, x, x, **kwargs)[0], layer(x, x, x, **kwargs)[0], rtol=1e-5, atol=1e-6
+    )
+    layer.train()
+    out = compiled(x, x, x, **kwargs)[0]  # dropout drawn inside the compiled program
+    assert torch.isfinite(out).all()
+
+
 def test_loads_a_multihead_attention_state_dict():
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
     layer = FavorAttention(32, 4, batch_first=True, num_features=2048, seed=0)
-    result = layer.load_state_dict(mha.state_dict(), strict=False)
-    assert result.missing_keys == ["projection"] and result.unexpected_keys == []
+    drawn = layer.projection.clone()
+    layer.load_state_dict(mha.state_dict(), strict=True)  # no projection in it: kept
+    assert torch.equal(layer.projection, drawn)
     # Small inputs: the FAVOR+ estimate is then close to the exact attention; this only
     # checks that the weights are used as MultiheadAttention uses them (a transposed or
     # misplaced block would give an error of order 1). The estimator's accuracy is
     # tested statistically in test_attention.py.
     x = _x((2, 64, 32), scale=0.3)
     ref, _ = mha(x, x, x, need_weights=False)
-    out, _ = layer(x, x, x)
+    out, _ = layer(x, x, x, need_weights=False)
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
 
 
@@ -280,8 +298,9 @@ def test_sdpa_grouped_query_heads():
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [
-        ({"dropout_p": 0.1}, ValueError, "dropout_p"),
-        ({"attn_mask": "float"}, TypeError, "attn_mask"),
+        ({"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ({"dropout_p": "0.1"}, TypeError, "dropout_p"),
+        ({"attn_mask": "int"}, TypeError, "attn_mask"),
         ({"attn_mask": "per-query"}, ValueError, "attn_mask"),
         ({"attn_mask": "wrong-length"}, ValueError, "attn_mask"),
         ({"enable_gqa": True, "kv_heads": 4}, ValueError, "enable_gqa"),
@@ -293,8 +312,9 @@ def test_sdpa_errors_name_the_argument(kwargs, error, words):
     kv_heads = kwargs.pop("kv_heads", 6)
     k, v = _x((2, kv_heads, 10, 8)), _x((2, kv_heads, 10, 8))
     masks = {
-        "float": torch.zeros(2, 1, 1, 10),
-        "per-query": torch.ones(2, 1, 10, 10, dtype=torch.bool),
+        "int": torch.zeros(2, 1, 1, 10, dtype=torch.int64),
+        # a pattern that differs between queries and is neither causal nor padding
+        "per-query": torch.rand(2, 1, 10, 10, generator=torch.Generator().manual_seed(0)) > 0.5,
         "wrong-length": torch.ones(2, 1, 1, 9, dtype=torch.bool),
     }
     if "attn_mask" in kwargs:
@@ -304,17 +324,35 @@ def test_sdpa_errors_name_the_argument(kwargs, error, words):
         scaled_dot_product_attention(q, k, v, projection=w, **kwargs)
 
 
+def test_sdpa_float_masks_and_dropout_follow_the_core():
+    q, k, v = (_x((2, 3, 10, 8), seed=s) for s in range(3))
+    w = fp.draw_projection(32, 8, seed=0, like=q)
+    bias = _x((2, 1, 1, 10), seed=4)
+    bias[0, ..., 7:] = float("-inf")
+    out = scaled_dot_product_attention(q, k, v, attn_mask=bias, projection=w)
+    torch.testing.assert_close(out, fp.favor_attention(q, k, v, w, key_mask=bias[:, :, 0, :]))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    torch.testing.assert_close(
+        scaled_dot_product_attention(q, k, v, attn_mask=causal, projection=w),
+        fp.favor_attention(q, k, v, w, causal=True),
+    )
+    torch.manual_seed(5)
+    dropped = scaled_dot_product_attention(q, k, v, dropout_p=0.25, projection=w)
+    torch.manual_seed(5)
+    keep = torch.rand(2, 3, 10) >= 0.25
+    expected = fp.favor_attention(q, k, v, w, dropout_p=0.25, dropout_keep=keep)
+    torch.testing.assert_close(dropped, expected)
+
+
 def test_layer_errors_name_the_argument():
     layer = FavorAttention(16, 2, batch_first=True, seed=0)
     x = _x((2, 5, 16))
-    with pytest.raises(ValueError, match="need_weights"):
-        layer(x, need_weights=True)
     with pytest.raises(ValueError, match="attn_mask"):
-        layer(x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+        layer(x, attn_mask=torch.zeros(5, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask"):
         layer(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
-        layer(x, key_padding_mask=torch.zeros(2, 5))
+        layer(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match="features"):
         layer(_x((2, 5, 12)))
     with pytest.raises(ValueError, match="divisible"):
