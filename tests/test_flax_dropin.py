@@ -331,6 +331,19 @@ def test_attention_fn_called_directly_like_dot_product_attention():
     h = lambda a: jnp.swapaxes(a, -3, -2)  # noqa: E731
     expected = jnp.swapaxes(fp.favor_attention(h(q), h(k), h(v), jnp.asarray(w)), -3, -2)
     np.testing.assert_allclose(fn(q, k, v), expected, rtol=1e-10, atol=1e-12)
+    pad = _pad()
+    key_mask = pad[:, None, :]
+    masked = jnp.swapaxes(
+        fp.favor_attention(h(q), h(k), h(v), jnp.asarray(w), key_mask=key_mask), -3, -2
+    )
+    minus_inf = jnp.where(pad, 0.0, -jnp.inf)[:, None, None, :]  # an additive key mask
+    np.testing.assert_allclose(fn(q, k, v, bias=minus_inf), masked, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        fn(q, k, v, mask=nnx.make_attention_mask(jnp.ones((B, L)), pad)),
+        masked,
+        rtol=1e-10,
+        atol=1e-12,
+    )
     with pytest.raises(ValueError, match="bias"):
         fn(q, k, v, bias=jnp.zeros((B, HEADS, L, L)))
     with pytest.raises(ValueError, match="exact"):
