@@ -184,6 +184,27 @@ def test_flax_masks_mean_what_nnx_says(name):
     np.testing.assert_allclose(jitted, got, rtol=1e-10, atol=1e-12)
 
 
+def test_cross_attention_masks_with_fewer_queries_than_keys():
+    mha, fav = _pair()
+    x, y = _x((B, 6, FEAT)), _x((B, L, FEAT), seed=1)
+    q_valid = jnp.arange(6)[None, :] < jnp.array([[6], [4]])
+    pad = _pad()
+    got = fav(x, y, mask=nnx.make_attention_mask(q_valid, pad))
+    expected = _reference(mha, _w(fav), x, y, key_mask=pad[:, None, :])
+    np.testing.assert_allclose(got[q_valid], expected[q_valid], rtol=1e-10, atol=1e-12)
+    exact = mha(x, y, mask=nnx.make_attention_mask(q_valid, pad))
+    np.testing.assert_allclose(got[~q_valid], exact[~q_valid], rtol=1e-6, atol=1e-7)
+    # causal, the 6 queries being the last 6 of the 12 positions (chunked prefill)
+    last = (jnp.arange(L)[None, :] <= jnp.arange(6)[:, None] + L - 6)[None, None]
+    got = fav(x, y, mask=last)
+    q, k, v = _project(mha, x, y)
+    h = lambda a: jnp.swapaxes(a, -3, -2)  # noqa: E731
+    rows = fp.favor_attention(  # the last 6 rows of the full causal call
+        h(jnp.concatenate([k[:, :6], q], axis=1)), h(k), h(v), _w(fav), causal=True
+    )[..., 6:, :]
+    np.testing.assert_allclose(got, mha.out(h(rows)), rtol=1e-9, atol=1e-11)
+
+
 def test_masks_built_inside_jit_choose_causal_or_not_at_run_time():
     _, fav = _pair()
     x = _x()
