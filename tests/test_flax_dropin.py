@@ -124,6 +124,9 @@ def test_whole_state_copies_from_a_module_with_dropout_rngs():
     x = _x().astype(jnp.float32)
     np.testing.assert_array_equal(fav.value(x), mha.value(x))
     assert fav.rngs is not None
+    back = nnx.MultiHeadAttention(4, 32, dropout_rate=0.1, decode=False, rngs=nnx.Rngs(7))
+    nnx.update(back, nnx.state(fav, nnx.Param))  # and back: the projection stays behind
+    np.testing.assert_array_equal(back.out(fav.query(x)), fav.out(mha.query(x)))
 
 
 @pytest.mark.parametrize("config", ["default", "gqa", "mqa_normalize_qk"])
