@@ -148,10 +148,10 @@ def test_loads_multihead_attention_parameters():
 def test_errors_name_the_argument():
     layer = FavorAttention(2, 16, rngs=nnx.Rngs(0))
     x = _x((2, 5, 16))
-    with pytest.raises(ValueError, match="mask"):
-        layer(x, mask=jnp.ones((2, 1, 5, 5), dtype=bool))
-    with pytest.raises(TypeError, match="mask"):
-        layer(x, mask=jnp.ones((2, 1, 1, 5)))
+    with pytest.raises(ValueError, match="linear time"):
+        layer(x, mask=jnp.eye(5, dtype=bool)[None, None])
+    with pytest.raises(ValueError, match="mask must broadcast"):
+        layer(x, mask=jnp.ones((2, 1, 1, 4)))
     with pytest.raises(ValueError, match="divisible"):
         FavorAttention(3, 16, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="key"):
