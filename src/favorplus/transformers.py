@@ -493,6 +493,17 @@ _REFUSED_KWARGS = {
 }
 
 
+def _recording_attentions() -> bool:
+    """Whether transformers' output recorder collects attention weights in this forward
+    (models such as GPT-2 take ``output_attentions`` themselves, not in the kwargs)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any("attentions" in key for key in collected)
+
+
 def _additive_as_inf(mask: Tensor) -> Tensor:
     """transformers' additive masks use the dtype's minimum for "masked": make it -inf."""
     if mask.dtype == torch.bool:
@@ -569,7 +580,7 @@ def favorplus_attention_forward(
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     w = _projection(module, query)
     kernel = _check_kernel(_setting(module, KERNEL_ATTR, _DEFAULT_KERNEL), f"config.{KERNEL_ATTR}")
-    want_weights = bool(kwargs.get("output_attentions", False))
+    want_weights = bool(kwargs.get("output_attentions", False)) or _recording_attentions()
     cache_layer = kwargs.get(_CACHE_KWARG)
     with torch.autocast(device_type=query.device.type, enabled=False):
         if cache_layer is not None:
