@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import favorplus as fp  # noqa: E402
-import favorplus.transformers as fpt  # noqa: E402
 from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -26,6 +25,9 @@ from transformers.masking_utils import (  # noqa: E402
     sdpa_mask,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+import favorplus as fp  # noqa: E402
+import favorplus.transformers as fpt  # noqa: E402
 
 VOCAB = 100
 
@@ -569,8 +571,6 @@ def test_projection_follows_the_layer_to_the_draw_projection_law():
     """The buffer is draw_projection's matrix for the module's own seed sequence."""
     model = _model("gpt2", favorplus_num_features=16, favorplus_seed=4)
     model(input_ids=_ids(1, 3))
-    import numpy as np
-
     rng = np.random.default_rng(np.random.SeedSequence([4, 0, 2 * 1]))
     expected = fp.draw_projection(16, 8, seed=rng, xp=torch, dtype=torch.float32)
     assert torch.equal(model.h[1].attn.favorplus_projection, expected)
