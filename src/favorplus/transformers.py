@@ -446,7 +446,7 @@ def redraw_projections(model: nn.Module, seed: int | None = None) -> int:
     >>> import favorplus.transformers as fpt
     >>> cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
     ...                               num_attention_heads=2, intermediate_size=64)
-    >>> model = transformers.BertModel(cfg, add_pooling_layer=False)
+    >>> model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     >>> _ = fpt.performerize(model, seed=0)
     >>> _ = model(torch.randint(0, 100, (1, 8)))
     >>> fpt.redraw_projections(model, seed=1), model.config.favorplus_seed
@@ -933,7 +933,7 @@ def performerize(
     >>> import torch, transformers
     >>> import favorplus.transformers as fpt
     >>> cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)
-    >>> model = transformers.GPT2LMHeadModel(cfg)
+    >>> model = transformers.GPT2LMHeadModel(cfg).eval()
     >>> _ = fpt.performerize(model, num_features=64, seed=0)
     >>> model.config._attn_implementation
     'favorplus'
