@@ -574,3 +574,66 @@ def test_projection_follows_the_layer_to_the_draw_projection_law():
     rng = np.random.default_rng(np.random.SeedSequence([4, 0, 2 * 1]))
     expected = fp.draw_projection(16, 8, seed=rng, xp=torch, dtype=torch.float32)
     assert torch.equal(model.h[1].attn.favorplus_projection, expected)
+
+
+# --- more families, as a user would switch them -------------------------------------------
+
+MORE = {
+    "distilbert": lambda: transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    ),
+    "phi3": lambda: transformers.Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+    ),
+    "bart": lambda: transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    ),
+    "deit": lambda: transformers.DeiTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MORE))
+def test_more_families_equal_reference(family):
+    torch.manual_seed(0)
+    model = AutoModel.from_config(MORE[family](), attn_implementation="favorplus")
+    model = model.to(torch.float64).eval()
+    ids = _ids(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    if family == "deit":
+        fav, ref = _with_reference(model, lambda: model(pixel_values=_pixels()).last_hidden_state)
+        _close(fav, ref)
+        return
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if family == "bart":  # encoder padding reaches the decoder's cross-attention
+        kw["decoder_input_ids"] = ids[:, :5]
+    fav, ref = _with_reference(model, lambda: model(**kw).last_hidden_state)
+    keep = mask.bool() if family != "bart" else torch.ones(2, 5, dtype=torch.bool)
+    _close(fav[keep], ref[keep])

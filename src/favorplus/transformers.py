@@ -485,7 +485,8 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
 
 
 _REFUSED_KWARGS = {
-    "softcap": "a soft cap on the attention scores (tanh of each score)",
+    "softcap": "a soft cap on the attention scores (tanh of each score; e.g. Gemma 2's "
+    "config.attn_logit_softcapping, which can be set to None)",
     "s_aux": "attention sinks (an extra logit per head)",
     "sinks": "attention sinks (an extra logit per head)",
     "position_bias": "a per-pair position bias (B, H, Lq, Lk) added to the scores",
