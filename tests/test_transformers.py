@@ -637,3 +637,26 @@ def test_more_families_equal_reference(family):
     fav, ref = _with_reference(model, lambda: model(**kw).last_hidden_state)
     keep = mask.bool() if family != "bart" else torch.ones(2, 5, dtype=torch.bool)
     _close(fav[keep], ref[keep])
+
+
+def test_save_and_load_keep_the_settings_and_checkpoints_stay_exact_compatible(tmp_path):
+    model = _model("llama", favorplus_num_features=20, favorplus_seed=6)
+    ids = _ids(2, 6)
+    out = model(input_ids=ids).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, attn_implementation="favorplus")
+    loaded = loaded.to(torch.float64).eval()
+    assert loaded.config.favorplus_num_features == 20 and loaded.config.favorplus_seed == 6
+    _close(loaded(input_ids=ids).last_hidden_state, out, tol=1e-12)
+    exact = AutoModel.from_pretrained(tmp_path, attn_implementation="eager")  # same files
+    exact.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_first_call_under_inference_mode_then_training():
+    model = _model("bert", attention_probs_dropout_prob=0.0)
+    ids = _ids(1, 5)
+    with torch.inference_mode():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids).last_hidden_state.sum().backward()
+    assert model.encoder.layer[0].attention.self.query.weight.grad is not None

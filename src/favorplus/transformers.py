@@ -411,7 +411,10 @@ def _projection(module: nn.Module, query: Tensor) -> Tensor:
                 f"favorplus attention needs the attention nn.Module as its first argument, "
                 f"to keep the projection; got {type(module).__name__}"
             )
-        w = _draw(module, num_features, dim, query.device)
+        # A normal tensor even when first drawn under torch.inference_mode(), so that
+        # later training calls can use it.
+        with torch.inference_mode(False):
+            w = _draw(module, num_features, dim, query.device)
         module.register_buffer(BUFFER, w, persistent=False)
     elif w.device != query.device:
         raise ValueError(
