@@ -652,11 +652,13 @@ def test_save_and_load_keep_the_settings_and_checkpoints_stay_exact_compatible(t
     exact.load_state_dict(model.state_dict(), strict=True)
 
 
-def test_first_call_under_inference_mode_then_training():
-    model = _model("bert", attention_probs_dropout_prob=0.0)
+def test_first_call_under_inference_mode_then_redraw_and_training():
+    model = _model("bert", attention_probs_dropout_prob=0.0, dtype=torch.float32)
     ids = _ids(1, 5)
     with torch.inference_mode():
         model(input_ids=ids)
+    assert not model.encoder.layer[0].attention.self.favorplus_projection.is_inference()
+    fpt.redraw_projections(model, seed=1)  # in place: needs a normal tensor
     model.train()
     model(input_ids=ids).last_hidden_state.sum().backward()
     assert model.encoder.layer[0].attention.self.query.weight.grad is not None
