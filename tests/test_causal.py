@@ -268,11 +268,14 @@ def test_state_shapes_and_errors(xp):
         fp.init_causal_state(w, 3, batch_shape=(2.0,))
 
 
-def test_causal_needs_equal_lengths(xp):
-    q = xp.asarray(np.zeros((3, 4)))
+def test_causal_needs_at_most_as_many_queries_as_keys(xp):
+    q = xp.asarray(np.zeros((6, 4)))
     k = xp.asarray(np.zeros((5, 4)))
+    w = xp.asarray(fp.draw_projection(4, 4, seed=0))
     with pytest.raises(ValueError, match="causal"):
-        fp.favor_attention(q, k, k, xp.asarray(fp.draw_projection(4, 4, seed=0)), causal=True)
+        fp.favor_attention(q, k, k, w, causal=True)
+    with pytest.raises(ValueError, match="causal"):  # a decoding step: as many as keys
+        fp.favor_attention_step(k[:3, :], k, k, w)
 
 
 def test_decoding_from_first_masked_tokens(xp):

@@ -8,11 +8,13 @@ own kind, on the caller's device.
 from .attention import favor_attention, favor_attention_matrix, softmax_attention
 from .causal import CausalState, favor_attention_step, init_causal_state
 from .features import KERNELS, feature_map
+from .masks import MaskParts, split_mask
 from .projection import draw_projection
 
 __all__ = [
     "KERNELS",
     "CausalState",
+    "MaskParts",
     "draw_projection",
     "favor_attention",
     "favor_attention_matrix",
@@ -20,6 +22,7 @@ __all__ = [
     "feature_map",
     "init_causal_state",
     "softmax_attention",
+    "split_mask",
 ]
 
 __version__ = "0.1.0"

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 from ._backend import (
     Array,
     Namespace,
+    broadcast_shapes,
     call_core,
+    common_namespace,
     cpu_block,
     device,
     exp,
+    host_readable,
+    on_accelerator,
     split,
     stop_gradient,
     subtract,
 )
 from ._stabilize import NEG_INF, bidirectional_features, query_features
-from ._validation import check_attention_inputs
+from ._validation import Checked, check_attention_inputs, check_flag
 from .features import FeatureParts, Kernel, KernelLike, feature_parts, resolve_kernel
+from .masks import resolve_masks, with_key_bias
+from .projection import host_generator
 
 __all__ = ["favor_attention", "favor_attention_matrix", "softmax_attention"]
 
@@ -57,10 +65,16 @@ def _cast_inputs(
 
 
 def _parts(
-    xp: Namespace, scale: float, qc: Array, kc: Array, w: Array | None, kern: Kernel
+    xp: Namespace,
+    scale: float,
+    qc: Array,
+    kc: Array,
+    w: Array | None,
+    kern: Kernel,
+    key_bias: Array | None = None,
 ) -> tuple[FeatureParts, FeatureParts]:
     qparts = feature_parts(xp, qc, w, kern, scale, row_constants=False)
-    kparts = feature_parts(xp, kc, w, kern, scale, row_constants=True)
+    kparts = with_key_bias(xp, feature_parts(xp, kc, w, kern, scale, row_constants=True), key_bias)
     return qparts, kparts
 
 
@@ -83,6 +97,8 @@ def _favor_core(
     v: Array,
     projection: Array | None,
     key_mask: Array | None,
+    key_bias: Array | None,
+    keep: Array | None,
     xp: Namespace,
     kern: Kernel,
     scale: float,
@@ -90,23 +106,72 @@ def _favor_core(
     causal: bool,
     chunk: int | None,
     batch: tuple[int, ...],
+    keep_scale: float = 1.0,
 ) -> Array:
     qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
+    bias = None if key_bias is None else xp.astype(key_bias, dtype, copy=False)
+    if keep is not None:
+        # Dropped keys leave the numerator only (a select: nothing of them leaks).
+        vc = xp.where(keep[..., None], vc * keep_scale, 0.0)
     if qc.shape[-2] == 0 or kc.shape[-2] == 0:
         return xp.astype(_no_pairs(xp, qc, kc, vc, batch), v.dtype, copy=False)
     if causal:
-        from .causal import causal_attention
-
-        out, _ = causal_attention(xp, qc, kc, vc, w, key_mask, None, kern, scale, batch, chunk)
+        out = _causal_aligned(xp, qc, kc, vc, w, key_mask, bias, kern, scale, batch, chunk)
     else:
         block = block_length(qc, batch, kern, w)
         if block is None or block >= max(qc.shape[-2], kc.shape[-2]):
-            qparts, kparts = _parts(xp, scale, qc, kc, w, kern)
+            qparts, kparts = _parts(xp, scale, qc, kc, w, kern, bias)
             qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
             out = _linear_attention(xp, qf, kf, vc)
         else:
-            out = _blocked_attention(xp, qc, kc, vc, w, key_mask, kern, scale, block)
+            out = _blocked_attention(xp, qc, kc, vc, w, key_mask, kern, scale, block, bias)
     return xp.astype(out, v.dtype, copy=False)
+
+
+def _causal_aligned(
+    xp: Namespace,
+    qc: Array,
+    kc: Array,
+    vc: Array,
+    w: Array | None,
+    key_mask: Array | None,
+    bias: Array | None,
+    kern: Kernel,
+    scale: float,
+    batch: tuple[int, ...],
+    chunk: int | None,
+) -> Array:
+    """Causal attention with the Lq queries at the last Lq of the Lk key positions
+    (bottom-right aligned): the first Lk - Lq keys only form the initial state."""
+    from .causal import causal_attention
+
+    before = kc.shape[-2] - qc.shape[-2]
+    state = None
+    if before:
+
+        def head(x: Array | None, axis: int) -> Array | None:
+            return None if x is None else _take(x, 0, before, axis)
+
+        def tail(x: Array | None, axis: int) -> Array | None:
+            return None if x is None else _take(x, before, kc.shape[-2], axis)
+
+        # The prefix's own outputs are not needed: zero queries stand in for them.
+        zq = xp.zeros((*qc.shape[:-2], before, qc.shape[-1]), dtype=qc.dtype, device=device(qc))
+        _, state = causal_attention(
+            xp, zq, head(kc, -2), head(vc, -2), w, head(key_mask, -1), None, kern, scale,
+            batch, chunk, key_bias=head(bias, -1),
+        )  # fmt: skip
+        kc, vc, key_mask, bias = tail(kc, -2), tail(vc, -2), tail(key_mask, -1), tail(bias, -1)
+    out, _ = causal_attention(
+        xp, qc, kc, vc, w, key_mask, state, kern, scale, batch, chunk, key_bias=bias
+    )
+    return out
+
+
+def _take(x: Array, start: int, stop: int, axis: int) -> Array:
+    """``x[start:stop]`` along ``axis`` (negative)."""
+    after = (slice(None),) * (-axis - 1)
+    return x[(..., slice(start, stop), *after)]
 
 
 def block_length(
@@ -133,6 +198,7 @@ def _blocked_attention(
     kern: Kernel,
     scale: float,
     block: int,
+    key_bias: Array | None = None,
 ) -> Array:
     """Bidirectional FAVOR+ over blocks of keys, then of queries (CPU fast path).
 
@@ -143,10 +209,15 @@ def _blocked_attention(
     """
 
     def key_block(
-        kb: Array, vb: Array, mb: Array | None, top: Array | None, state: Array | None
+        kb: Array,
+        vb: Array,
+        mb: Array | None,
+        bb: Array | None,
+        top: Array | None,
+        state: Array | None,
     ) -> tuple[Array | None, Array, bool]:
         """Fold one block of keys into (running maximum, state)."""
-        kparts = feature_parts(xp, kb, w, kern, scale, row_constants=True)
+        kparts = with_key_bias(xp, feature_parts(xp, kb, w, kern, scale, row_constants=True), bb)
         mask = None if mb is None else mb[..., None]
         factor = None
         if kparts.log is None:
@@ -179,15 +250,125 @@ def _blocked_attention(
     state = None  # (..., M, dv + 1), relative to top
     shared = False
     pieces = (split(k, block, -2), split(v, block, -2))
-    masks = [None] * len(pieces[0]) if key_mask is None else split(key_mask, block, -1)
-    for kb, vb, mb in zip(*pieces, masks):
-        top, state, shared = key_block(kb, vb, mb, top, state)
+    nothing = [None] * len(pieces[0])
+    masks = nothing if key_mask is None else split(key_mask, block, -1)
+    biases = nothing if key_bias is None else split(key_bias, block, -1)
+    for kb, vb, mb, bb in zip(*pieces, masks, biases):
+        top, state, shared = key_block(kb, vb, mb, bb, top, state)
     assert state is not None
     shift = None
     if top is not None and not shared:
         shift = xp.where(xp.isfinite(top), top, 0.0)
     outs = [query_block(qb, shift, state) for qb in split(q, block, -2)]
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Checked attention inputs with their masks resolved (see :func:`prepare`)."""
+
+    chk: Checked
+    causal: bool
+    key_mask: Array | None
+    key_bias: Array | None
+    keep: Array | None
+    keep_scale: float
+
+
+def prepare(
+    q: Array,
+    k: Array,
+    v: Array,
+    key_mask: Array | None,
+    attn_mask: Array | None,
+    scale: float | None,
+    *,
+    projection: Array | None = None,
+    kernel: Kernel | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
+    dropout_keep: Array | None = None,
+) -> Prepared:
+    """Check the inputs; resolve ``key_mask`` and ``attn_mask`` into causal order, a
+    bool key mask and a per-key bias (:mod:`favorplus.masks`); draw or check the
+    dropout keep mask. Causal calls need Lq <= Lk (queries aligned to the last keys)."""
+    causal = check_flag("causal", causal)
+    chk = check_attention_inputs(q, k, v, None, scale, projection=projection, kernel=kernel)
+    xp = chk.xp
+    common_namespace(q=q, key_mask=key_mask, attn_mask=attn_mask, dropout_keep=dropout_keep)
+    lq, lk = q.shape[-2], k.shape[-2]
+    parts = resolve_masks(xp, key_mask, attn_mask, lq, lk)
+    causal = causal or parts.causal
+    if causal and lq > lk:
+        raise ValueError(
+            f"causal attention needs at most as many queries as keys (the queries are the "
+            f"last Lq of the Lk positions); got q.shape={tuple(q.shape)} and "
+            f"k.shape={tuple(k.shape)}"
+        )
+    shapes = [chk.batch]
+    names = ["q, k and v"]
+    if parts.key_mask is not None:
+        shapes.append(parts.key_mask.shape[:-1])
+        names.append("key_mask" if attn_mask is None else "the key masks")
+    if parts.key_bias is not None:
+        shapes.append(parts.key_bias.shape[:-1])
+        names.append("the key biases")
+    batch = broadcast_shapes(*shapes, names=names)
+    keep = _dropout_keep(xp, q, dropout_p, dropout_rng, dropout_keep, batch, lk)
+    if keep is not None:
+        batch = broadcast_shapes(batch, keep.shape[:-1], names=["the inputs", "dropout_keep"])
+    return Prepared(
+        Checked(xp=xp, batch=batch, scale=chk.scale, dtype=chk.dtype),
+        causal,
+        parts.key_mask,
+        parts.key_bias,
+        keep,
+        1.0 / (1.0 - float(dropout_p)),
+    )
+
+
+def _dropout_keep(
+    xp: Namespace,
+    like: Array,
+    p: float,
+    rng: Any,
+    keep: Array | None,
+    batch: tuple[int, ...],
+    k_len: int,
+) -> Array | None:
+    """Per-key numerator weights, 0 for dropped keys and 1 / (1 - p) for kept ones."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1); got {type(p).__name__}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {p!r}")
+    if keep is None:
+        if p == 0.0:
+            return None
+        if not host_readable(like) and not on_accelerator(like):
+            raise ValueError(
+                "dropout_p > 0 inside a traced program (jax.jit, torch.compile, vmap) needs "
+                "dropout_keep drawn with the framework's own random numbers: a host draw "
+                "would be one fixed mask baked into the program"
+            )
+        gen = host_generator(rng, "dropout_rng")
+        drawn = gen.random((*batch, k_len)) >= p
+        keep = xp.asarray(drawn, device=device(like))
+    else:
+        if rng is not None:
+            raise ValueError("pass dropout_rng or dropout_keep, not both")
+        if keep.dtype != xp.bool:
+            raise TypeError(
+                f"dropout_keep must be a boolean array (True where a key is kept); "
+                f"got dtype {keep.dtype}"
+            )
+        if keep.ndim < 1 or keep.shape[-1] != k_len:
+            raise ValueError(
+                f"dropout_keep must have shape (..., Lk) with Lk = {k_len} keys; "
+                f"got shape {tuple(keep.shape)}"
+            )
+    return keep
 
 
 def favor_attention(
@@ -199,8 +380,12 @@ def favor_attention(
     kernel: KernelLike = "softmax",
     causal: bool = False,
     key_mask: Array | None = None,
+    attn_mask: Array | None = None,
     scale: float | None = None,
     chunk_size: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
+    dropout_keep: Array | None = None,
 ) -> Array:
     """FAVOR+ attention: an estimate of ``softmax(scale * q @ k.T) @ v`` in linear time.
 
@@ -221,18 +406,45 @@ def favor_attention(
         ``"relu"`` or a callable ``f`` applied elementwise to the projections
         (generalized attention, features ``f(W x)``).
     causal : bool
-        Unidirectional attention: query i attends to keys j <= i (needs Lq = Lk).
-        Output row t depends on nothing after position t.
-    key_mask : bool array, shape (..., Lk), optional
-        True where a key takes part. A masked key changes neither numerator nor
-        denominator, whatever its values. Rows with no key to attend to return 0
-        (also when Lk = 0; Lq = 0 gives an empty output).
+        Unidirectional attention: query i attends to keys j <= i + Lk - Lq (needs
+        Lq <= Lk; with fewer queries than keys they are the last Lq positions, as in
+        cached decoding or a prompt fed in pieces). Output row t depends on nothing
+        after position t.
+    key_mask : array, shape (..., Lk) or (..., 1, Lk), optional
+        Boolean: True where a key takes part. A masked key changes neither numerator
+        nor denominator, whatever its values. Real floating: an additive mask, 0 to
+        keep a key, -inf to drop it, any other finite value ``b_j`` added to every
+        score of key j (exact: ``exp(b_j)`` multiplies its features). Rows with no
+        key to attend to return 0 (also when Lk = 0; Lq = 0 gives an empty output).
+    attn_mask : array, optional
+        An attention mask with the conventions of SDPA (bool True where a query may
+        attend to a key, or additive float), broadcastable to (..., Lq, Lk). A mask
+        with one row for all queries is a key mask as above. A full (..., Lq, Lk)
+        mask is recognised when it equals a key mask and/or the causal mask (which
+        then makes the call causal) plus per-key biases, and computed exactly as
+        such; any other pattern raises a ``ValueError`` (FAVOR+ cannot compute it
+        in linear time), as does a full mask inside a traced program (``jax.jit``,
+        ``torch.compile``), where its values cannot be read: pass ``key_mask`` and
+        ``causal`` there. See :func:`favorplus.masks.split_mask`.
     scale : float, optional
         Inner-product scale, default ``1 / sqrt(d)``.
     chunk_size : int, optional
         Causal mode only: length of the chunks of the linear-memory algorithm
         (default: chosen from the length). Never changes the result beyond float
         rounding.
+    dropout_p : float
+        Attention dropout in linear time: each key is dropped with probability p,
+        independently for every row of the leading (batch, heads) dimensions and
+        shared by all its queries, from the numerator only; kept keys are scaled by
+        ``1 / (1 - p)``. The expectation over the draw is the undropped output
+        (the normaliser is left whole, so it is never 0 because of dropout).
+    dropout_rng : int, numpy.random.Generator or None
+        The host generator for the keep mask when ``dropout_p > 0`` (None: fresh
+        entropy). Eager arrays only.
+    dropout_keep : bool array, shape (..., Lk), optional
+        Instead of ``dropout_rng``: the keep mask drawn by the caller with its own
+        framework's random numbers (as the torch and Flax layers do); True where a
+        key is kept, scaled by ``1 / (1 - dropout_p)``.
 
     Returns
     -------
@@ -254,23 +466,37 @@ def favor_attention(
     (2, 128, 16)
     >>> bool(np.linalg.norm(out - exact) / np.linalg.norm(exact) < 0.05)
     True
+
+    A full causal-and-padding mask, as model code builds it, is computed exactly as
+    ``causal=True`` with a key mask:
+
+    >>> pad = np.arange(128) < 100
+    >>> full = np.tril(np.ones((128, 128), dtype=bool)) & pad
+    >>> a = favor_attention(q, k, v, w, attn_mask=full)
+    >>> b = favor_attention(q, k, v, w, causal=True, key_mask=pad)
+    >>> bool(np.allclose(a, b))
+    True
     """
     from .causal import check_chunk_size
 
     kern = resolve_kernel(kernel)
-    chk = check_attention_inputs(
-        q, k, v, key_mask, scale, projection=projection, kernel=kern, causal=causal
-    )
+    prep = prepare(
+        q, k, v, key_mask, attn_mask, scale, projection=projection, kernel=kern,
+        causal=causal, dropout_p=dropout_p, dropout_rng=dropout_rng, dropout_keep=dropout_keep,
+    )  # fmt: skip
+    chk = prep.chk
     statics = (
         chk.xp,
         kern,
         chk.scale,
         chk.dtype,
-        bool(causal),
+        prep.causal,
         check_chunk_size(chunk_size),
         chk.batch,
+        prep.keep_scale,
     )
-    return call_core(_favor_core, (q, k, v, projection, key_mask), statics)
+    arrays = (q, k, v, projection, prep.key_mask, prep.key_bias, prep.keep)
+    return call_core(_favor_core, arrays, statics)
 
 
 def _key_state(xp: Namespace, kf: Array, v: Array) -> Array:
@@ -302,12 +528,16 @@ def favor_attention_matrix(
     kernel: KernelLike = "softmax",
     causal: bool = False,
     key_mask: Array | None = None,
+    attn_mask: Array | None = None,
     scale: float | None = None,
 ) -> Array:
     """The row-normalised attention matrix that FAVOR+ implicitly uses (O(Lq Lk) memory).
 
-    For diagnostics on small inputs: ``favor_attention_matrix(q, k, w) @ v`` equals
-    ``favor_attention(q, k, v, w)`` up to float rounding.
+    For diagnostics on small inputs, and for the ``need_weights`` /
+    ``output_attentions`` of the framework layers: ``favor_attention_matrix(q, k, w)
+    @ v`` equals ``favor_attention(q, k, v, w)`` up to float rounding, with the same
+    ``kernel``, ``causal``, ``key_mask``, ``attn_mask`` and ``scale`` arguments (and
+    the same refusals) as :func:`favor_attention`.
 
     Returns
     -------
@@ -324,28 +554,31 @@ def favor_attention_matrix(
     (True, True)
     """
     kern = resolve_kernel(kernel)
-    chk = check_attention_inputs(
-        q, k, k, key_mask, scale, projection=projection, kernel=kern, causal=causal
+    prep = prepare(
+        q, k, k, key_mask, attn_mask, scale, projection=projection, kernel=kern, causal=causal
     )
+    chk, key_mask = prep.chk, prep.key_mask
     xp = chk.xp
     qc, kc, _, w = _cast_inputs(xp, chk.dtype, q, k, k, projection, key_mask)
     if qc.shape[-2] == 0 or kc.shape[-2] == 0:
         empty = to_batch(xp, xp.matmul(qc, xp.matrix_transpose(kc)), chk.batch, 2)  # no entry
         return xp.astype(empty, q.dtype, copy=False)
-    qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern)
+    bias = None if prep.key_bias is None else xp.astype(prep.key_bias, chk.dtype, copy=False)
+    qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern, bias)
     qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
     scores = xp.matmul(qf, xp.matrix_transpose(kf))
-    if causal:
+    if prep.causal:
         scores = xp.where(_tril(xp, scores.shape[-2], scores.shape[-1], scores), scores, 0.0)
     den = xp.sum(scores, axis=-1, keepdims=True)
     return xp.astype(safe_divide(xp, scores, den), q.dtype, copy=False)
 
 
 def _tril(xp: Namespace, rows: int, cols: int, like: Array) -> Array:
+    """Query i (of the last ``rows`` positions) may see key j: j <= i + cols - rows."""
     dev = device(like)
     i = xp.arange(rows, device=dev)[:, None]
     j = xp.arange(cols, device=dev)[None, :]
-    return j <= i
+    return j <= i + (cols - rows)
 
 
 def softmax_attention(
@@ -355,12 +588,16 @@ def softmax_attention(
     *,
     causal: bool = False,
     key_mask: Array | None = None,
+    attn_mask: Array | None = None,
     scale: float | None = None,
 ) -> Array:
     """Exact, numerically stable ``softmax(scale * q @ k.T) @ v`` (O(Lq Lk) memory).
 
-    Same conventions as :func:`favor_attention`; the reference for tests and
-    benchmarks. Rows with no key to attend to return 0.
+    Same conventions as :func:`favor_attention` (causal with Lq <= Lk: the queries
+    are the last positions; ``key_mask`` bool or additive float); the reference for
+    tests and benchmarks. Being quadratic anyway, it takes any ``attn_mask``
+    (bool, True where a query may attend to a key, or additive float, broadcastable
+    to (..., Lq, Lk)). Rows with no key to attend to return 0.
 
     Examples
     --------
@@ -370,9 +607,50 @@ def softmax_attention(
     >>> softmax_attention(q, k, v, causal=True)[0, 1]
     array([2., 3., 4., 5.])
     """
-    chk = check_attention_inputs(q, k, v, key_mask, scale, causal=causal)
-    statics = (chk.xp, chk.scale, chk.dtype, bool(causal), chk.batch)
-    return call_core(_softmax_core, (q, k, v, key_mask), statics)
+    from .masks import key_parts
+
+    causal = check_flag("causal", causal)
+    chk = check_attention_inputs(q, k, v, None, scale)
+    xp = chk.xp
+    common_namespace(q=q, key_mask=key_mask, attn_mask=attn_mask)
+    lq, lk = q.shape[-2], k.shape[-2]
+    if causal and lq > lk:
+        raise ValueError(
+            f"causal attention needs at most as many queries as keys (the queries are the "
+            f"last Lq of the Lk positions); got q.shape={tuple(q.shape)} and "
+            f"k.shape={tuple(k.shape)}"
+        )
+    shapes, names = [chk.batch], ["q, k and v"]
+    mask, bias = None, None
+    if key_mask is not None:
+        mask, bias = key_parts(xp, key_mask, lk, "key_mask")
+        for part in (mask, bias):
+            if part is not None:
+                shapes.append(part.shape[:-1])
+                names.append("key_mask")
+    if attn_mask is not None:
+        _check_full_mask(xp, attn_mask, lq, lk)
+        shapes.append(attn_mask.shape[:-2])
+        names.append("attn_mask")
+    batch = broadcast_shapes(*shapes, names=names)
+    statics = (xp, chk.scale, chk.dtype, causal, batch)
+    return call_core(_softmax_core, (q, k, v, mask, bias, attn_mask), statics)
+
+
+def _check_full_mask(xp: Namespace, mask: Array, lq: int, lk: int) -> None:
+    """An attention mask for exact attention: bool or real float, broadcastable to
+    (..., Lq, Lk)."""
+    if mask.dtype != xp.bool and not xp.isdtype(mask.dtype, "real floating"):
+        raise TypeError(
+            f"attn_mask must be a boolean mask (True where a query may attend to a key) or "
+            f"a real floating additive mask; got dtype {mask.dtype}"
+        )
+    shape = tuple(mask.shape)
+    if len(shape) < 2 or shape[-1] not in (1, lk) or shape[-2] not in (1, lq):
+        raise ValueError(
+            f"attn_mask must have shape (..., Lq, Lk) or broadcast to it (Lq = {lq}, "
+            f"Lk = {lk}); got shape {shape}"
+        )
 
 
 def _softmax_core(
@@ -380,6 +658,8 @@ def _softmax_core(
     k: Array,
     v: Array,
     key_mask: Array | None,
+    key_bias: Array | None,
+    attn_mask: Array | None,
     xp: Namespace,
     scale: float,
     dtype: Any,
@@ -391,6 +671,15 @@ def _softmax_core(
         return xp.astype(_no_pairs(xp, qc, kc, vc, batch), v.dtype, copy=False)
     scores = xp.matmul(qc, xp.matrix_transpose(kc)) * scale
     allowed = None if key_mask is None else key_mask[..., None, :]
+    if key_bias is not None:
+        scores = scores + xp.astype(key_bias, dtype, copy=False)[..., None, :]
+    if attn_mask is not None:
+        if attn_mask.dtype == xp.bool:
+            extra = attn_mask
+        else:
+            extra = attn_mask != float("-inf")
+            scores = scores + xp.where(extra, xp.astype(attn_mask, dtype, copy=False), 0.0)
+        allowed = extra if allowed is None else xp.logical_and(allowed, extra)
     if causal:
         tri = _tril(xp, scores.shape[-2], scores.shape[-1], scores)
         allowed = tri if allowed is None else xp.logical_and(tri, allowed)

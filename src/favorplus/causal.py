@@ -308,8 +308,11 @@ def causal_attention(
     scale: float,
     batch: tuple[int, ...],
     chunk_size: int | None,
+    *,
+    key_bias: Array | None = None,
 ) -> tuple[Array, CausalState]:
-    """Causal attention of inputs already in the compute dtype (masked keys zeroed).
+    """Causal attention of inputs already in the compute dtype (masked keys zeroed);
+    ``key_bias`` (..., Lk): finite per-key biases added to the keys' log-features.
 
     On a CPU, blocks of whole chunks are processed one after the other, the state
     carried from block to block (exactly what decoding does); elsewhere (GPUs, traced
@@ -334,20 +337,28 @@ def causal_attention(
     block = block_length(q, batch, kern, w, chunk, training=training) or length
 
     def run_block(
-        qb: Array, kb: Array, vb: Array, mb: Array | None, st: CausalState | None
+        qb: Array,
+        kb: Array,
+        vb: Array,
+        mb: Array | None,
+        bb: Array | None,
+        st: CausalState | None,
     ) -> tuple[Array, CausalState]:
-        qparts, kparts = _parts(xp, scale, qb, kb, w, kern)
+        qparts, kparts = _parts(xp, scale, qb, kb, w, kern, bb)
         return causal_from_parts(xp, qparts, kparts, vb, mb, st, batch, chunk)
 
     if block >= length:
-        return run_block(q, k, v, key_mask, state)
+        return run_block(q, k, v, key_mask, key_bias, state)
     outs = []
-    masks = [None] * -(-length // block) if key_mask is None else split(key_mask, block, -1)
-    for qb, kb, vb, mb in zip(split(q, block, -2), split(k, block, -2), split(v, block, -2), masks):
+    nothing = [None] * -(-length // block)
+    masks = nothing if key_mask is None else split(key_mask, block, -1)
+    biases = nothing if key_bias is None else split(key_bias, block, -1)
+    pieces = (split(q, block, -2), split(k, block, -2), split(v, block, -2), masks, biases)
+    for qb, kb, vb, mb, bb in zip(*pieces):
         if training:
-            out, state = recompute(run_block, qb, kb, vb, mb, state)
+            out, state = recompute(run_block, qb, kb, vb, mb, bb, state)
         else:
-            out, state = run_block(qb, kb, vb, mb, state)
+            out, state = run_block(qb, kb, vb, mb, bb, state)
         outs.append(out)
     assert state is not None
     return xp.concat(outs, axis=-2), state  # (two blocks at least here)
@@ -445,7 +456,7 @@ def favor_attention_step(
     state : CausalState or None
         From :func:`init_causal_state` or a previous step; ``None`` starts afresh.
     kernel, key_mask, scale, chunk_size
-        As in :func:`favor_attention` (key_mask has shape (..., T)).
+        As in :func:`favor_attention` (key_mask: bool or additive float, shape (..., T)).
 
     Returns
     -------
@@ -467,21 +478,29 @@ def favor_attention_step(
     >>> bool(np.allclose(np.concatenate([a, b]), full))
     True
     """
+    from ._backend import common_namespace
     from ._validation import check_attention_inputs
+    from .masks import key_parts
 
     kern = resolve_kernel(kernel)
+    key_bias = None
+    if key_mask is not None and k is not None and getattr(k, "ndim", 0) >= 2:
+        xp = common_namespace(k=k, key_mask=key_mask)
+        key_mask, key_bias = key_parts(xp, key_mask, k.shape[-2], "key_mask")
     chk = check_attention_inputs(
         q, k, v, key_mask, scale, projection=projection, kernel=kern, causal=True
     )
     xp = chk.xp
     batch = chk.batch
+    if key_bias is not None:
+        batch = broadcast_shapes(batch, key_bias.shape[:-1], names=["q, k, v", "key_mask"])
     if state is not None:
         state = _check_state(xp, state, q, v, projection, kern, chk.dtype)
         batch = broadcast_shapes(
             batch, state.log_scale.shape, names=["q, k, v and key_mask", "state.log_scale"]
         )
     statics = (xp, kern, chk.scale, chk.dtype, check_chunk_size(chunk_size), batch)
-    return call_core(_step_core, (q, k, v, projection, key_mask, state), statics)
+    return call_core(_step_core, (q, k, v, projection, key_mask, key_bias, state), statics)
 
 
 def _step_core(
@@ -490,6 +509,7 @@ def _step_core(
     v: Array,
     projection: Array | None,
     key_mask: Array | None,
+    key_bias: Array | None,
     state: CausalState | None,
     xp: Namespace,
     kern: Any,
@@ -499,7 +519,10 @@ def _step_core(
     batch: tuple[int, ...],
 ) -> tuple[Array, CausalState]:
     qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
-    out, new_state = causal_attention(xp, qc, kc, vc, w, key_mask, state, kern, scale, batch, chunk)
+    bias = None if key_bias is None else xp.astype(key_bias, dtype, copy=False)
+    out, new_state = causal_attention(
+        xp, qc, kc, vc, w, key_mask, state, kern, scale, batch, chunk, key_bias=bias
+    )
     return xp.astype(out, v.dtype, copy=False), new_state
 
 
