@@ -493,7 +493,8 @@ def test_arbitrary_4d_mask_is_refused_and_a_causal_padding_one_is_computed():
     with pytest.raises(ValueError):
         model(input_ids=ids, attention_mask=pattern)
     causal = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
-    additive = torch.where(causal, 0.0, torch.finfo(torch.float64).min).to(torch.float64)
+    additive = torch.zeros(1, 1, 6, 6, dtype=torch.float64)
+    additive[~causal] = torch.finfo(torch.float64).min  # transformers' "masked" value
     expected = model(input_ids=ids).last_hidden_state
     _close(model(input_ids=ids, attention_mask=causal).last_hidden_state, expected, tol=1e-12)
     _close(model(input_ids=ids, attention_mask=additive).last_hidden_state, expected, tol=1e-12)

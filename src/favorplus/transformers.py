@@ -320,6 +320,10 @@ def favorplus_mask(
         causal = _pattern(
             mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, use_vmap, device
         )
+    if isinstance(q_offset, Tensor):
+        # A static cache's own length counter, advanced in place by cache.update before
+        # the attention runs: keep its value now.
+        q_offset = q_offset.detach().clone()
     key_mask = None
     if padding is not None:
         key_mask = padding[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
