@@ -148,13 +148,9 @@ def _subprocess(cache_name: str, new_tokens: int) -> dict[str, Any]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 and 256 new tokens")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args(argv)
-    lengths = (32, 256) if args.quick else (1024, 16384)
-    rows = [_subprocess(c, n) for n in lengths for c in ("dynamic", "favorplus")]
+def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Print the table and return the ratios."""
+    lengths = sorted({r["new_tokens"] for r in rows})
     by = {(r["cache"], r["new_tokens"]): r for r in rows}
     mib = 2.0**20
     print(f"generate(), tiny Llama (GQA 4/2 heads, 2 layers), prompt {PROMPT}, float32, CPU")
@@ -168,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_extra_bytes'] / mib:>9.1f} {1e3 * r['step_first_s']:>15.2f} "
             f"{1e3 * r['step_last_s']:>14.2f}"
         )
-    short, long = lengths
+    short, long = lengths[0], lengths[-1]
     ratios = {}
     for n in lengths:
         d, f = by[("dynamic", n)], by[("favorplus", n)]
@@ -176,12 +172,34 @@ def main(argv: list[str] | None = None) -> int:
         ratios[f"peak dynamic/favorplus at {n}"] = d["peak_extra_bytes"] / max(
             f["peak_extra_bytes"], 1
         )
+        ratios[f"ms/token last dynamic/favorplus at {n}"] = d["step_last_s"] / f["step_last_s"]
     for c in ("dynamic", "favorplus"):
         a, b = by[(c, short)], by[(c, long)]
         ratios[f"{c} cache_bytes {long}/{short}"] = b["cache_bytes"] / a["cache_bytes"]
-        ratios[f"{c} ms/token last at {long} / at {short}"] = b["step_last_s"] / a["step_last_s"]
+        ratios[f"{c} peak {long}/{short}"] = b["peak_extra_bytes"] / max(a["peak_extra_bytes"], 1)
+        # within one run (one process, minutes apart at most): growth along the sequence
+        ratios[f"{c} ms/token last/first at {long}"] = b["step_last_s"] / b["step_first_s"]
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}")
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32 and 256 new tokens")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--report", type=Path, help="print and re-summarise a results file, measure nothing"
+    )
+    args = parser.parse_args(argv)
+    if args.report is not None:
+        rows = json.loads(args.report.read_text())["rows"]
+        ratios = summarise(rows)
+        args.report.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2) + "\n")
+        return 0
+    lengths = (32, 256) if args.quick else (1024, 16384)
+    rows = [_subprocess(c, n) for n in lengths for c in ("dynamic", "favorplus")]
+    ratios = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "generate.json"
     path.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2) + "\n")
