@@ -26,7 +26,7 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 BACKENDS = {
     "numpy": ("test", {}),
     "strict": ("test,strict", {}),
-    "torch": ("test,torch", {}),
+    "torch": ("test,torch,transformers", {}),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short.
     "jax": ("test,jax,flax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
     "cupy": ("test,cupy", {}),
@@ -70,6 +70,8 @@ def demo(session: nox.Session) -> None:
 # benchmarks/run.py: the speed and memory goals; benchmarks/paper.py: the paper's figures.
 RUN_BENCHES = ("bidirectional", "causal")
 PAPER_FIGURES = ("fig2", "fig3", "fig4", "peers")
+# benchmarks/generate.py: transformers' generate() with DynamicCache vs FavorplusCache.
+GENERATE = "generate"
 
 
 @nox.session
@@ -77,13 +79,19 @@ def bench(session: nox.Session) -> None:
     """The benchmarks: `nox -s bench -- [NAME ...] [--quick]`.
 
     NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
-    (benchmarks/paper.py); none: all of them. --quick: small sizes (each under a
-    minute, written to benchmarks/results/quick/ so that committed results stay).
+    (benchmarks/paper.py), generate (benchmarks/generate.py); none: all of them.
+    --quick: small sizes (each under a minute, written to benchmarks/results/quick/
+    so that committed results stay).
     """
     session.install(
-        *CONSTRAINTS, "-e", ".[torch,jax,strict]", "performer-pytorch", "psutil", "matplotlib"
+        *CONSTRAINTS,
+        "-e",
+        ".[torch,jax,strict,transformers]",
+        "performer-pytorch",
+        "psutil",
+        "matplotlib",
     )
-    known = RUN_BENCHES + PAPER_FIGURES
+    known = (*RUN_BENCHES, *PAPER_FIGURES, GENERATE)
     names = [a for a in session.posargs if a in known] or list(known)
     options = [a for a in session.posargs if a not in known]  # e.g. --quick, --cap 2
     run = [n for n in names if n in RUN_BENCHES]
@@ -93,6 +101,9 @@ def bench(session: nox.Session) -> None:
         session.run("python", "benchmarks/run.py", *run, *options, *out)
     for figure in (n for n in names if n in PAPER_FIGURES):
         session.run("python", "benchmarks/paper.py", figure, *options)
+    if GENERATE in names:
+        quick = ["--quick", "--out", str(ROOT / "benchmarks" / "results" / "quick")]
+        session.run("python", "benchmarks/generate.py", *(quick if "--quick" in options else []))
 
 
 @nox.session
