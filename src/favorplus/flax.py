@@ -22,10 +22,15 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+try:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+except ImportError as _error:  # the framework is an optional extra
+    from ._optional import missing
+
+    raise ImportError(missing("favorplus.flax", "flax", "JAX and Flax")) from _error
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes as _dtypes
 from flax.nnx.nn.linear import default_kernel_init

@@ -33,8 +33,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+
+try:
+    import torch
+    from torch import Tensor, nn
+except ImportError as _error:  # the framework is an optional extra
+    from ._optional import missing
+
+    raise ImportError(missing("favorplus.torch", "torch", "PyTorch")) from _error
 from torch.nn import functional as F
 
 from ._validation import check_flag

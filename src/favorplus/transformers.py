@@ -32,10 +32,17 @@ from collections.abc import Callable
 from itertools import count
 from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
+try:
+    import numpy as np
+    import torch
+    from torch import Tensor, nn
+    from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
+except ImportError as _error:  # the framework is an optional extra
+    from ._optional import missing
+
+    raise ImportError(
+        missing("favorplus.transformers", "transformers", "PyTorch and Hugging Face transformers")
+    ) from _error
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import (
     AttentionMaskInterface,
