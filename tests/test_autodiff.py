@@ -185,7 +185,7 @@ def blocks(request, monkeypatch):
     """CPU blocks of a few tokens (12 under autograd: 3 blocks of up to 3 chunks,
     recomputed in the backward pass in causal mode), or one block for the whole
     sequence (no recomputation: autograd's own checks see every in-place step)."""
-    from favorplus import _backend
+    from favorplus._backend import blocking as _backend
 
     size = 4 * 12 * 2 * 20 if request.param == "blocks" else 1 << 30  # 48 tokens of 2 x 20
     monkeypatch.setattr(_backend, "BLOCK_NUMBERS", size)

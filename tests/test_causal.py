@@ -152,7 +152,7 @@ def test_chunk_size_never_changes_the_result(xp, p, chunks):
 def test_accelerator_scan_equals_cpu_scan(xp, p, chunk):
     """The chunk recurrence's two forms (the states stacked and read by one product, on
     GPUs; each state read by its chunk at once, on CPUs) give the same output."""
-    from favorplus import _backend
+    from favorplus._backend import scan as _backend
 
     cpu = xp.numpy(run(xp, p, causal=True, chunk_size=chunk)[0])
     with pytest.MonkeyPatch.context() as m:
@@ -181,7 +181,7 @@ def _with_flat(monkeypatch_context, flat):
 def test_flat_fast_path_changes_no_bit(xp, p, chunk, blocks):
     """Blocks in which the causal reference never changes skip their rescaling factors
     (all exp(0) = 1): the output is bit for bit that of the general path."""
-    from favorplus import _backend
+    from favorplus._backend import blocking as _backend
 
     rows = max(1, int(np.prod(np.broadcast_shapes(p.q.shape[:-2], p.k.shape[:-2], p.v.shape[:-2]))))
     with pytest.MonkeyPatch.context() as m:
@@ -196,7 +196,7 @@ def test_flat_fast_path_changes_no_bit(xp, p, chunk, blocks):
 def test_flat_fast_path_is_taken_on_typical_inputs():
     """After the first chunk, keys of typical size stay below the reference's level:
     the later CPU blocks take the fast path, and give the general path's bits."""
-    from favorplus import _backend
+    from favorplus._backend import blocking as _backend
 
     rng = np.random.default_rng(3)
     q, k = (rng.standard_normal((2, 3, 256, 16)) * 0.5 for _ in range(2))
@@ -304,7 +304,7 @@ def test_decoding_from_first_masked_tokens(xp):
 @given(p=problems(causal=True, max_len=40), chunk=st.integers(1, 6), blocks=st.integers(1, 3))
 def test_cpu_blocks_equal_one_pass(xp, p, chunk, blocks):
     """On a CPU the sequence runs in blocks of whole chunks; the result is the same."""
-    import favorplus._backend as backend
+    import favorplus._backend.blocking as backend
 
     one, w = run(xp, p, causal=True, chunk_size=chunk)
     rows = max(1, int(np.prod(np.broadcast_shapes(p.q.shape[:-2], p.k.shape[:-2], p.v.shape[:-2]))))
