@@ -318,8 +318,8 @@ def causal_attention(
     carried from block to block (exactly what decoding does); elsewhere (GPUs, traced
     JAX programs) the whole sequence is one block. Under torch autograd on a CPU each
     block keeps nothing for the backward pass but its inputs and is recomputed there
-    (see :func:`favorplus._backend.recompute.recompute`): the memory autograd keeps is O(L (d + dv)),
-    not O(L m).
+    (see :func:`favorplus._backend.recompute.recompute`): the memory autograd keeps is
+    O(L (d + dv)), not O(L m).
     """
     length = q.shape[-2]
     if length == 0:
