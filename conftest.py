@@ -7,6 +7,6 @@ import importlib.util
 
 collect_ignore = [
     f"src/favorplus/{module}.py"
-    for module, needs in (("torch", "torch"), ("flax", "flax"))
+    for module, needs in (("torch", "torch"), ("flax", "flax"), ("sklearn", "sklearn"))
     if importlib.util.find_spec(needs) is None
 ]

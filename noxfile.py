@@ -24,12 +24,14 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 
 # backend -> (extras, environment)
 BACKENDS = {
-    "numpy": ("test", {}),
-    "strict": ("test,strict", {}),
-    "torch": ("test,torch", {}),
+    # favorplus.sklearn's tests run on numpy, strict, torch and cupy; SCIPY_ARRAY_API=1 lets
+    # scikit-learn dispatch to the array API (sklearn.set_config(array_api_dispatch=True)).
+    "numpy": ("test,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    "strict": ("test,strict,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    "torch": ("test,torch,sklearn", {"SCIPY_ARRAY_API": "1"}),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short.
     "jax": ("test,jax,flax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
-    "cupy": ("test,cupy", {}),
+    "cupy": ("test,cupy,sklearn", {"SCIPY_ARRAY_API": "1"}),
 }
 
 
@@ -43,6 +45,9 @@ def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
         if backend == "cupy" and not _has_gpu():
             session.skip("cupy needs an NVIDIA GPU; none on this machine")
         session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+        if backend == "numpy":
+            # scikit-learn's set_output and feature-name checks of favorplus.sklearn
+            session.install("pandas", "polars")
         session.run("python", "-m", "pytest", *session.posargs, env=env)
 
     tests.__doc__ = f"Run the test suite with only {backend} installed."
