@@ -72,9 +72,11 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "favorplus", *session.posargs)
 
 
-# benchmarks/run.py: the speed and memory goals; benchmarks/paper.py: the paper's figures.
+# benchmarks/run.py: the speed and memory goals; benchmarks/paper.py: the paper's figures;
+# benchmarks/sklearn_kernels.py: favorplus.sklearn against RBFSampler and Nystroem.
 RUN_BENCHES = ("bidirectional", "causal")
 PAPER_FIGURES = ("fig2", "fig3", "fig4", "peers")
+SCRIPT_BENCHES = {"sklearn_kernels": "benchmarks/sklearn_kernels.py"}
 
 
 @nox.session
@@ -82,13 +84,19 @@ def bench(session: nox.Session) -> None:
     """The benchmarks: `nox -s bench -- [NAME ...] [--quick]`.
 
     NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
-    (benchmarks/paper.py); none: all of them. --quick: small sizes (each under a
-    minute, written to benchmarks/results/quick/ so that committed results stay).
+    (benchmarks/paper.py), sklearn_kernels (benchmarks/sklearn_kernels.py); none: all.
+    --quick: small sizes (each under a minute, written to benchmarks/results/quick/ so
+    that committed results stay).
     """
     session.install(
-        *CONSTRAINTS, "-e", ".[torch,jax,strict]", "performer-pytorch", "psutil", "matplotlib"
+        *CONSTRAINTS,
+        "-e",
+        ".[torch,jax,strict,sklearn]",
+        "performer-pytorch",
+        "psutil",
+        "matplotlib",
     )
-    known = RUN_BENCHES + PAPER_FIGURES
+    known = RUN_BENCHES + PAPER_FIGURES + tuple(SCRIPT_BENCHES)
     names = [a for a in session.posargs if a in known] or list(known)
     options = [a for a in session.posargs if a not in known]  # e.g. --quick, --cap 2
     run = [n for n in names if n in RUN_BENCHES]
@@ -98,6 +106,8 @@ def bench(session: nox.Session) -> None:
         session.run("python", "benchmarks/run.py", *run, *options, *out)
     for figure in (n for n in names if n in PAPER_FIGURES):
         session.run("python", "benchmarks/paper.py", figure, *options)
+    for name in (n for n in names if n in SCRIPT_BENCHES):
+        session.run("python", SCRIPT_BENCHES[name], *[o for o in options if o == "--quick"])
 
 
 @nox.session
