@@ -83,7 +83,8 @@ class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         of the training data (1 where the variance is 0), as ``RBFSampler``.
     features : {"hyperbolic", "positive", "trig"}, default="hyperbolic"
         Estimator of the exponential kernels. ``"hyperbolic"``: positive
-        antithetic pairs ``exp(+-w . x)`` (lowest variance at equal width);
+        antithetic pairs ``exp(+-w . x)`` (for iid rows, a lower variance than
+        ``"positive"`` at equal width);
         ``"positive"``: FAVOR+'s ``exp(w . x - |x|^2 / 2)``; ``"trig"``: ``cos``
         and ``sin`` of ``w . x`` (for ``"rbf"``, classic random Fourier features;
         not positive, and inaccurate where the kernel is small).
@@ -148,6 +149,12 @@ class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     the softmax kernel with trigonometric features, whose factor
     ``exp(gamma |x|^2 / 2)`` exceeds the dtype beyond ``gamma |x|^2 / 2 ~ 709``
     (88 in float32), where ``exp(gamma x . x)`` itself is not representable.
+
+    See Also
+    --------
+    sklearn.kernel_approximation.RBFSampler : trigonometric random Fourier features.
+    sklearn.kernel_approximation.Nystroem : data-dependent kernel approximation.
+    favorplus.feature_map : the same feature maps on arrays of any backend.
 
     Examples
     --------
