@@ -7,6 +7,11 @@ import importlib.util
 
 collect_ignore = [
     f"src/favorplus/{module}.py"
-    for module, needs in (("torch", "torch"), ("flax", "flax"), ("transformers", "transformers"))
+    for module, needs in (
+        ("torch", "torch"),
+        ("flax", "flax"),
+        ("transformers", "transformers"),
+        ("sklearn", "sklearn"),
+    )
     if importlib.util.find_spec(needs) is None
 ]

@@ -24,12 +24,14 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 
 # backend -> (extras, environment)
 BACKENDS = {
-    "numpy": ("test", {}),
-    "strict": ("test,strict", {}),
-    "torch": ("test,torch,transformers", {}),
+    # favorplus.sklearn's tests run on numpy, strict, torch and cupy; SCIPY_ARRAY_API=1 lets
+    # scikit-learn dispatch to the array API (sklearn.set_config(array_api_dispatch=True)).
+    "numpy": ("test,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    "strict": ("test,strict,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    "torch": ("test,torch,transformers,sklearn", {"SCIPY_ARRAY_API": "1"}),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short.
     "jax": ("test,jax,flax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
-    "cupy": ("test,cupy", {}),
+    "cupy": ("test,cupy,sklearn", {"SCIPY_ARRAY_API": "1"}),
 }
 
 
@@ -43,6 +45,9 @@ def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
         if backend == "cupy" and not _has_gpu():
             session.skip("cupy needs an NVIDIA GPU; none on this machine")
         session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+        if backend == "numpy":
+            # scikit-learn's set_output and feature-name checks of favorplus.sklearn
+            session.install("pandas", "polars")
         session.run("python", "-m", "pytest", *session.posargs, env=env)
 
     tests.__doc__ = f"Run the test suite with only {backend} installed."
@@ -67,11 +72,16 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "favorplus", *session.posargs)
 
 
-# benchmarks/run.py: the speed and memory goals; benchmarks/paper.py: the paper's figures.
+# benchmarks/run.py: the speed and memory goals; benchmarks/paper.py: the paper's figures;
+# benchmarks/sklearn_kernels.py: favorplus.sklearn against RBFSampler and Nystroem.
 RUN_BENCHES = ("bidirectional", "causal")
 PAPER_FIGURES = ("fig2", "fig3", "fig4", "peers")
-# benchmarks/generate.py: transformers' generate() with DynamicCache vs FavorplusCache.
-GENERATE = "generate"
+# benchmarks/generate.py: transformers' generate() with DynamicCache vs FavorplusCache;
+# benchmarks/sklearn_kernels.py: favorplus.sklearn against RBFSampler and Nystroem.
+SCRIPT_BENCHES = {
+    "generate": "benchmarks/generate.py",
+    "sklearn_kernels": "benchmarks/sklearn_kernels.py",
+}
 
 
 @nox.session
@@ -79,19 +89,19 @@ def bench(session: nox.Session) -> None:
     """The benchmarks: `nox -s bench -- [NAME ...] [--quick]`.
 
     NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
-    (benchmarks/paper.py), generate (benchmarks/generate.py); none: all of them.
-    --quick: small sizes (each under a minute, written to benchmarks/results/quick/
-    so that committed results stay).
+    (benchmarks/paper.py), generate (benchmarks/generate.py), sklearn_kernels
+    (benchmarks/sklearn_kernels.py); none: all of them. --quick: small sizes (each under
+    a minute, written to benchmarks/results/quick/ so that committed results stay).
     """
     session.install(
         *CONSTRAINTS,
         "-e",
-        ".[torch,jax,strict,transformers]",
+        ".[torch,jax,strict,transformers,sklearn]",
         "performer-pytorch",
         "psutil",
         "matplotlib",
     )
-    known = (*RUN_BENCHES, *PAPER_FIGURES, GENERATE)
+    known = RUN_BENCHES + PAPER_FIGURES + tuple(SCRIPT_BENCHES)
     names = [a for a in session.posargs if a in known] or list(known)
     options = [a for a in session.posargs if a not in known]  # e.g. --quick, --cap 2
     run = [n for n in names if n in RUN_BENCHES]
@@ -101,9 +111,9 @@ def bench(session: nox.Session) -> None:
         session.run("python", "benchmarks/run.py", *run, *options, *out)
     for figure in (n for n in names if n in PAPER_FIGURES):
         session.run("python", "benchmarks/paper.py", figure, *options)
-    if GENERATE in names:
+    for name in (n for n in names if n in SCRIPT_BENCHES):
         quick = ["--quick", "--out", str(ROOT / "benchmarks" / "results" / "quick")]
-        session.run("python", "benchmarks/generate.py", *(quick if "--quick" in options else []))
+        session.run("python", SCRIPT_BENCHES[name], *(quick if "--quick" in options else []))
 
 
 @nox.session
