@@ -48,7 +48,11 @@ def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
         if backend == "numpy":
             # scikit-learn's set_output and feature-name checks of favorplus.sklearn
             session.install("pandas", "polars")
-        session.run("python", "-m", "pytest", *session.posargs, env=env)
+        # Two pytest workers (pytest-xdist): the 2-core CI machine is otherwise half idle
+        # while JAX compiles or a test waits on a subprocess. `nox -s tests-numpy -- -n 0`
+        # runs in one process.
+        workers = [] if any(a.startswith("-n") for a in session.posargs) else ["-n", "2"]
+        session.run("python", "-m", "pytest", *workers, *session.posargs, env=env)
 
     tests.__doc__ = f"Run the test suite with only {backend} installed."
 
