@@ -205,3 +205,46 @@ def test_import_favorplus_does_not_import_triton():
     code = "import sys, favorplus; print('triton' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_fused.py"
+    spec = importlib.util.spec_from_file_location("gpu_fused", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_bounds():
+    bench = _bench_module()
+    # L = 65536, 8 heads, d = 64, m = 256, float32: q, k, v, out = 4 x 128 MiB.
+    nbytes, flops = bench.favor_work(65536, 8, 64, 256, 4, backward=False)
+    assert nbytes == 4 * 8 * 65536 * 64 * 4
+    assert flops == 8 * 65536 * (4 * 64 * 256 + 4 * 256 * 65)
+    # memory-bound there: 0.537 GB at 4.8 TB/s = 0.112 ms (~69 GFLOP take 0.14 ms at 494 T)
+    t = bench.bound_seconds(nbytes, flops, 4.8e12, 494e12)
+    assert t == pytest.approx(max(nbytes / 4.8e12, flops / 494e12))
+    assert bench.sdpa_work(1024, 1, 64, 2, causal=True, backward=False)[1] == 2.0 * 1024**2 * 64
+
+
+@pytest.mark.skipif(_GPU, reason="the smoke run is the CPU (interpreter) variant")
+def test_gpu_benchmark_smoke(tmp_path):
+    import argparse
+    import json
+
+    bench = _bench_module()
+    out = tmp_path / "fused.json"
+    args = argparse.Namespace(
+        smoke=True, quick=True, out=str(out), dtype="float32", bandwidth=4.8e12, cell_cap=60.0
+    )
+    res = bench.run(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    cells = res["cells"]
+    assert {c["method"] for c in cells} == {"favorplus fused", "favorplus array API", "torch SDPA"}
+    assert all(c["status"] == "ok" and 0 < c["fraction of bound"] for c in cells)
+    for c in cells:
+        fused = c["method"] == "favorplus fused" and not c["causal"]
+        assert c["fused kernels ran"] == fused, c
