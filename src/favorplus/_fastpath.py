@@ -12,11 +12,12 @@ Modes (:func:`set_fast_path`, :func:`fast_path`):
   calls they do not cover run the array API path.
 * ``"array_api"``: always the array API path (the reference).
 
-Covered today: bidirectional ``"softmax"`` and ``"softmax_hyperbolic"`` attention of
-float32 / float16 / bfloat16 torch tensors with a projection, with key masks and per-key
-biases, no dropout; forward fused, backward by recomputation through the array API
-path. Everything else (causal, decoding steps, the other kernels, dropout, float64,
-torch.compile tracing) runs the array API path.
+Covered today: ``"softmax"`` and ``"softmax_hyperbolic"`` attention of float32 /
+float16 / bfloat16 torch tensors with a projection, bidirectional, or causal with as
+many queries as keys (and a state of at most 256 x 128 numbers), with key masks and
+per-key biases, no dropout; forward fused, backward by recomputation through the array
+API path. Everything else (causal with Lq < Lk, decoding steps, the other kernels,
+dropout, float64, torch.compile tracing) runs the array API path.
 """
 
 from __future__ import annotations
@@ -119,11 +120,13 @@ def dispatch(
     projection: Array | None,
     prep: Any,
     kern: Any,
+    chunk: int | None,
     reference: Callable[..., Array],
 ) -> Array | None:
     """The fused result of a ``favor_attention`` call, or None: then the array API path runs.
 
-    ``prep`` is the call's checked inputs (``attention.Prepared``); ``reference(q, k, v,
+    ``prep`` is the call's checked inputs (``attention.Prepared``), ``chunk`` its
+    ``chunk_size`` (or None); ``reference(q, k, v,
     projection, key_mask, key_bias)`` computes the same call on the array API path (the
     backward recomputes through it).
     """
@@ -145,15 +148,21 @@ def dispatch(
     from ._triton.ops import fused_attention
 
     stats["fused"] += 1
-    return fused_attention(q, k, v, projection, prep, kern, reference)
+    return fused_attention(q, k, v, projection, prep, kern, chunk, reference)
 
 
 def _covers(q: Any, k: Any, v: Any, w: Any, prep: Any, kern: Any) -> bool:
     """Whether the fused kernels compute this call (else the array API path does)."""
     import torch
 
-    if kern.name not in ("softmax", "softmax_hyperbolic") or prep.causal or prep.keep is not None:
+    if kern.name not in ("softmax", "softmax_hyperbolic") or prep.keep is not None:
         return False
+    if prep.causal:
+        # One program holds the causal state; queries at the last Lq of Lk positions
+        # (Lq < Lk) and larger states run the array API path.
+        m = w.shape[0] * (2 if kern.name == "softmax_hyperbolic" else 1)
+        if q.shape[-2] != k.shape[-2] or m * max(v.shape[-1], 16) > 256 * 128:
+            return False
     if prep.chk.dtype not in (torch.float32,) or q.dtype == torch.float64:
         return False
     if any(t.dtype not in (torch.float32, torch.float16, torch.bfloat16) for t in (q, k, v, w)):

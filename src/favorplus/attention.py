@@ -497,7 +497,9 @@ def favor_attention(
         prep.keep_scale,
     )
     arrays = (q, k, v, projection, prep.key_mask, prep.key_bias, prep.keep)
-    fused = dispatch(q, k, v, projection, prep, kern, lambda *a: _favor_core(*a, None, *statics))
+    fused = dispatch(
+        q, k, v, projection, prep, kern, statics[5], lambda *a: _favor_core(*a, None, *statics)
+    )
     if fused is not None:
         return fused  # the fused GPU kernels (see _fastpath.py)
     return call_core(_favor_core, arrays, statics)

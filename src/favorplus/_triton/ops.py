@@ -1,6 +1,7 @@
 """The fused calls as torch autograd functions: batching, launch, and the backward.
 
-The forward runs the Triton kernels of :mod:`favorplus._triton.bidirectional`. The
+The forward runs the Triton kernels of :mod:`favorplus._triton.bidirectional` or
+:mod:`favorplus._triton.causal`. The
 backward recomputes the call on the array API path and differentiates it there (the
 gradients are the array API path's own); fused backward kernels are not written yet.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import bidirectional
+from . import bidirectional, causal
 
 
 def _batched(x: torch.Tensor, batch: tuple[int, ...], tail: int) -> torch.Tensor:
@@ -58,9 +59,10 @@ def fused_attention(
     w: torch.Tensor,
     prep: Any,
     kern: Any,
+    chunk: int | None,
     reference: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
-    """Bidirectional FAVOR+ attention by the fused kernels, shaped like the array API path's."""
+    """FAVOR+ attention (bidirectional, or causal with Lq = Lk) by the fused kernels."""
     batch = tuple(prep.chk.batch)
     scale = prep.chk.scale
     hyperbolic = kern.name == "softmax_hyperbolic"
@@ -73,7 +75,10 @@ def fused_attention(
         qb, kb, vb = _batched(q, batch, 2), _batched(k, batch, 2), _batched(v, batch, 2)
         mb = None if mask is None else _batched(mask, batch, 1).to(torch.uint8)
         bb = None if bias is None else _batched(bias.to(torch.float32), batch, 1)
-        out = bidirectional.forward(qb, kb, vb, w, mb, bb, scale, hyperbolic)
+        if prep.causal:
+            out = causal.forward(qb, kb, vb, w, mb, bb, scale, hyperbolic, chunk)
+        else:
+            out = bidirectional.forward(qb, kb, vb, w, mb, bb, scale, hyperbolic)
         return out.reshape(*batch, lq, dv)
 
     return _FusedAttention.apply(fused, reference, q, k, v, w, prep.key_mask, prep.key_bias)
