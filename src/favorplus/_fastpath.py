@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -130,25 +131,41 @@ def dispatch(
     projection, key_mask, key_bias)`` computes the same call on the array API path (the
     backward recomputes through it).
     """
+    if not is_torch(q) or _compiling():
+        return None  # (checked first: torch.compile cannot trace ContextVar.get)
     mode = _MODE.get()
-    if mode == "array_api" or not is_torch(q):
+    if mode == "array_api":
         return None
     if not (is_torch(k) and is_torch(v) and is_torch(projection)):
         return None
     cuda = q.device.type == "cuda"
     if mode == "auto" and not (cuda and _triton_available()):
         return None
-    if not _covers(q, k, v, projection, prep, kern) or _compiling():
+    if not _covers(q, k, v, projection, prep, kern):
         return None
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "fast path mode 'triton' on CPU tensors runs Triton's interpreter only: set "
             f"TRITON_INTERPRET=1 before triton is imported (tensors on {q.device})"
         )
+    from triton.runtime.errors import OutOfResources
+
     from ._triton.ops import fused_attention
 
+    try:
+        out = fused_attention(q, k, v, projection, prep, kern, chunk, reference)
+    except OutOfResources as err:
+        # A kernel whose tiles do not fit this GPU's on-chip memory: say so, and compute
+        # the call on the array API path instead.
+        warnings.warn(
+            f"favorplus: the fused kernel does not fit this GPU ({err}); the array API "
+            "path computes this call",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     stats["fused"] += 1
-    return fused_attention(q, k, v, projection, prep, kern, chunk, reference)
+    return out
 
 
 def _covers(q: Any, k: Any, v: Any, w: Any, prep: Any, kern: Any) -> bool:

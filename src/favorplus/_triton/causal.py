@@ -130,12 +130,16 @@ def forward(
     nb, length, d = q.shape
     dv, m = v.shape[-1], rows.shape[0]
     out = torch.empty((nb, length, dv), dtype=v.dtype, device=q.device)
-    size = 64 if chunk is None else _block(chunk, 64)
+    bm = max(16, triton.next_power_of_2(m))
+    # The (C, m) feature tiles and the (m, dv) state share the GPU's on-chip memory:
+    # shorter chunks for more features (64 up to m = 128, 32 at 256, 16 at 512).
+    size = min(64 if chunk is None else _block(chunk, 64), max(16, 8192 // bm))
     _causal_kernel[(nb,)](
         q, k, v, rows, k if mask is None else mask, k if bias is None else bias, out,
         length, d, dv, m, 0.5 * scale, 0.5 * math.log(m), FLOOR, LEVEL_STEP,
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        C=size, BD=_block(d, 256), BDV=_block(dv, 256), BM=max(16, triton.next_power_of_2(m)),
+        C=size, BD=_block(d, 256), BDV=_block(dv, 256), BM=bm,
+        num_warps=8 if bm * max(16, dv) > 128 * 64 else 4,
         PRECISION=_precision(q),
     )  # fmt: skip
     return out
