@@ -28,6 +28,7 @@ if _GPU:
     torch.backends.cuda.matmul.allow_tf32 = False  # compare full float32 products
 
 KERNELS = ("softmax", "softmax_hyperbolic")
+# (Keys beyond 64 make the bidirectional key state split into ranges, combined after.)
 
 
 def _inputs(shape_q, shape_k, dv, m, seed=0, scale=0.5, dtype=torch.float32):
@@ -78,18 +79,18 @@ def test_large_norms_do_not_overflow(kernel):
     # exp(s |k|^2 / 2) and exp(w . k) overflow float32 many times over here; the
     # stabilizers (per-feature key maximum, per-query row maximum) keep every
     # exponent <= 0 and the normaliser >= 1.
-    q, k, v, w = _inputs((2, 24, 16), (2, 40, 16), 8, 32, scale=30.0)
+    q, k, v, w = _inputs((2, 24, 16), (2, 80, 16), 8, 32, scale=30.0)
     fused, ref = _both(q, k, v, w, kernel=kernel)
     assert torch.isfinite(ref).all()
     _close(fused, ref, rtol=1e-4)
 
 
 def test_masked_keys_leave_no_trace():
-    q, k, v, w = _inputs((2, 2, 11, 8), (2, 2, 37, 8), 6, 16)
-    keep = torch.rand(2, 1, 37, generator=torch.Generator().manual_seed(3)) > 0.4
+    q, k, v, w = _inputs((2, 2, 11, 8), (2, 2, 77, 8), 6, 16)
+    keep = torch.rand(2, 1, 77, generator=torch.Generator().manual_seed(3)) > 0.4
     keep[..., 0] = True
     keep = keep.to(DEV)
-    full = keep.expand(2, 2, 37)
+    full = keep.expand(2, 2, 77)
     # Masked keys and values are huge or NaN: they must change nothing.
     k_bad = torch.where(full[..., None], k, torch.full_like(k, float("nan")))
     k_bad[..., 1, :] = torch.where(full[..., 1, None], k[..., 1, :], 1e4)
@@ -106,8 +107,9 @@ def test_masked_keys_leave_no_trace():
 
 
 def test_all_keys_masked_gives_zero():
-    q, k, v, w = _inputs((2, 5, 8), (2, 19, 8), 4, 16)
-    keep = torch.tensor([[True] * 19, [False] * 19], device=DEV)
+    q, k, v, w = _inputs((2, 5, 8), (2, 69, 8), 4, 16)
+    keep = torch.tensor([[True] * 69, [False] * 69], device=DEV)
+    keep[0, :64] = False  # the first 64 keys (one key range of the split state) masked
     fused, ref = _both(q, k, v, w, key_mask=keep)
     assert (fused[1] == 0).all()
     _close(fused, ref)

@@ -2,13 +2,15 @@
 
 Two kernels, neither of which writes an (L, m) feature array to memory:
 
-* ``_key_state_kernel`` (grid: batch rows x feature blocks) streams the keys once:
+* ``_key_state_kernel`` (grid: batch rows x feature blocks x key ranges) streams its
+  range of keys once:
   it computes the positive-softmax log-features ``u_j = W k_j - s |k_j|^2 / 2 + b_j``
   on-chip, keeps the per-feature maximum over the unmasked keys as a running maximum
   and the state ``S = sum_j exp(u_j - top) [v_j, 1]`` in float32, rescaled by
   ``exp(top_old - top_new)`` whenever the maximum grows (every exponent stays <= 0).
-  The result is the one-pass estimator's state ``kf^T [v, 1]`` and its maximum ``top``
-  (0 for a feature with no unmasked key, as in :mod:`favorplus._stabilize`).
+  The partial states of the key ranges are combined exactly (each rescaled to the
+  overall maximum): the one-pass estimator's state ``kf^T [v, 1]`` and its maximum
+  ``top`` (0 for a feature with no unmasked key, as in :mod:`favorplus._stabilize`).
 * ``_readout_kernel`` (grid: batch rows x query blocks) computes the query
   log-features plus ``top`` (the key maximum moved onto the query side, so each
   product is unchanged) and reads ``D^-1 qf S`` out with a running per-query
@@ -34,7 +36,7 @@ NEG_INF = float("-inf")
 @triton.jit
 def _key_state_kernel(
     k_ptr, v_ptr, w_ptr, mask_ptr, bias_ptr, s_ptr, z_ptr, top_ptr,
-    L, D, DV, M,
+    L, D, DV, M, SPAN, SPLITS,
     half_scale, log_const,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BL: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
@@ -42,6 +44,8 @@ def _key_state_kernel(
 ):  # fmt: skip
     b = tl.program_id(0)
     m0 = tl.program_id(1) * BM
+    part = tl.program_id(2)  # this program's keys: [part * SPAN, (part + 1) * SPAN)
+    out_row = b * SPLITS + part
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -55,9 +59,11 @@ def _key_state_kernel(
     top = tl.full((BM,), NEG_INF, tl.float32)
     acc = tl.zeros((BM, BDV), tl.float32)
     zsum = tl.zeros((BM,), tl.float32)
-    for l0 in range(0, L, BL):
+    start = part * SPAN
+    stop = tl.minimum(start + SPAN, L)
+    for l0 in range(start, stop, BL):
         offs_l = l0 + tl.arange(0, BL)
-        ok = offs_l < L
+        ok = offs_l < stop
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + b * L + offs_l, mask=offs_l < L, other=0) != 0)
         kb = tl.load(
@@ -83,14 +89,15 @@ def _key_state_kernel(
         acc = acc * alpha[:, None] + tl.dot(tl.trans(f), vb, input_precision=PRECISION)
         zsum = zsum * alpha + tl.sum(f, axis=0)
         top = new
-    top = tl.where(top == NEG_INF, 0.0, top)
+    # Partial states of the key ranges, each referenced to its own maximum (-inf where
+    # the range has no unmasked key); key_state combines them.
     tl.store(
-        s_ptr + (b * M + offs_m[:, None]) * DV + offs_dv[None, :],
+        s_ptr + (out_row * M + offs_m[:, None]) * DV + offs_dv[None, :],
         acc,
         mask=feat_ok[:, None] & (offs_dv[None, :] < DV),
     )
-    tl.store(z_ptr + b * M + offs_m, zsum, mask=feat_ok)
-    tl.store(top_ptr + b * M + offs_m, top, mask=feat_ok)
+    tl.store(z_ptr + out_row * M + offs_m, zsum, mask=feat_ok)
+    tl.store(top_ptr + out_row * M + offs_m, top, mask=feat_ok)
 
 
 @triton.jit
@@ -170,19 +177,45 @@ def key_state(
     pre-scaled rows ``w`` (M, d) (float32)."""
     nb, length, d = k.shape
     dv, m = v.shape[-1], w.shape[0]
-    s = torch.empty((nb, m, dv), dtype=torch.float32, device=k.device)
-    z = torch.empty((nb, m), dtype=torch.float32, device=k.device)
-    top = torch.empty((nb, m), dtype=torch.float32, device=k.device)
-    bm = _block(m)
-    grid = (nb, triton.cdiv(m, bm))
+    bm, bl = _block(m), _block(length)
+    span = _span(k, length, nb * triton.cdiv(m, bm), bl)
+    splits = triton.cdiv(length, span)
+    s = torch.empty((nb, splits, m, dv), dtype=torch.float32, device=k.device)
+    z = torch.empty((nb, splits, m), dtype=torch.float32, device=k.device)
+    top = torch.empty((nb, splits, m), dtype=torch.float32, device=k.device)
+    grid = (nb, triton.cdiv(m, bm), splits)
     _key_state_kernel[grid](
         k, v, w, k if mask is None else mask, k if bias is None else bias, s, z, top,
-        length, d, dv, m, 0.5 * scale, 0.5 * math.log(m),
+        length, d, dv, m, span, splits, 0.5 * scale, 0.5 * math.log(m),
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        BL=_block(length), BD=_block(d, 256), BDV=_block(dv, 256), BM=bm,
+        BL=bl, BD=_block(d, 256), BDV=_block(dv, 256), BM=bm,
         PRECISION=_precision(k),
     )  # fmt: skip
-    return s, z, top
+    if splits == 1:
+        top = top[:, 0]
+        return s[:, 0], z[:, 0], torch.where(top == NEG_INF, 0.0, top)
+    # The exact combination: every part rescaled to the overall maximum (factors <= 1).
+    best = top.amax(dim=1)
+    best = torch.where(best == NEG_INF, 0.0, best)
+    factor = torch.exp(top - best[:, None])
+    s = (s * factor[..., None]).sum(dim=1)
+    z = (z * factor).sum(dim=1)
+    return s, z, best
+
+
+def _span(x: torch.Tensor, length: int, programs: int, bl: int) -> int:
+    """Keys per program of the key-state kernel (a multiple of the key block).
+
+    On a GPU the keys are split so that about four programs per multiprocessor run
+    (at least 1024 keys each); under the interpreter one block per program, so that
+    the tests exercise the combination of partial states.
+    """
+    if x.device.type != "cuda":
+        return bl
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    wanted = max(1, (4 * sms) // max(1, programs))
+    span = max(1024, triton.cdiv(length, wanted))
+    return triton.cdiv(span, bl) * bl
 
 
 def readout(
