@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 _GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -217,6 +219,30 @@ def test_causal_gradients_match_array_path():
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads, strict=True):
         _close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=8)
+@given(
+    lq=st.integers(1, 90),
+    lk=st.integers(1, 90),
+    d=st.integers(1, 20),
+    dv=st.integers(1, 20),
+    m=st.integers(1, 40),
+    kernel=st.sampled_from(KERNELS),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_fused_equals_array_path(lq, lk, d, dv, m, kernel, causal, masked, seed):
+    if causal:
+        lq = lk
+    q, k, v, w = _inputs((2, lq, d), (2, lk, d), dv, m, seed=seed, scale=1.5)
+    mask = None
+    if masked:
+        g = torch.Generator().manual_seed(seed)
+        mask = (torch.rand(2, lk, generator=g) > 0.5).to(DEV)
+    fused, ref = _both(q, k, v, w, kernel=kernel, causal=causal, key_mask=mask)
+    _close(fused, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_uncovered_calls_fall_back():
