@@ -4,7 +4,8 @@ performer-pytorch vs torch SDPA (FlashAttention), side by side in one run.
     python benchmarks/gpu_fused.py [--quick] [--out fused.json]
     TRITON_INTERPRET=1 python benchmarks/gpu_fused.py --smoke   # CPU, tiny, logic only
 
-Batch 1, 8 heads, d = 64, m = 256, float32 (TF32 products where torch allows them),
+Batch 1, 8 heads, d = 64, m = 256, float32 (full float32 products; ``--tf32``: TF32
+tensor-core products for every method, favorplus's kernels included),
 L = 1k ... 256k; bidirectional and causal, forward and forward+backward. Each cell is
 the best of a few synchronised repeats after a warm-up; a method whose cell takes more
 than ``--cell-cap`` seconds, or runs out of memory, is not run at longer lengths
@@ -106,6 +107,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     smoke = args.smoke
     dev = torch.device("cpu" if smoke else "cuda")
+    if not smoke:
+        # TF32 products (tensor cores) for every float32 method, or none of them.
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     sync = (lambda: None) if smoke else torch.cuda.synchronize
     heads, d, m = (2, 16, 32) if smoke else (H, D, M)
     lengths = [64, 128] if smoke else ([1024, 4096, 16384] if args.quick else
@@ -193,6 +198,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(PEAK))
     p.add_argument("--bandwidth", type=float, default=BANDWIDTH)
     p.add_argument("--cell-cap", type=float, default=2.0)
+    p.add_argument("--tf32", action="store_true", help="float32 products in TF32 (all methods)")
     res = run(p.parse_args())
     print(json.dumps(res, indent=1))
 

@@ -25,10 +25,20 @@ if [ "$ONLY" != "array" ]; then
   env -u TRITON_INTERPRET timeout "${FUSED_TIMEOUT:-300}" python3 benchmarks/gpu_fused.py \
     ${FUSED_ARGS:-} --out "$OUT/gpu_fused.json" > "$OUT/fused.log" 2>&1
   echo "fused bench exit $?"
-  python3 - "$OUT/gpu_fused.json" <<'PY' || true
-import json, sys
-res = json.load(open(sys.argv[1]))
-for c in res["cells"]:
+  # 3. the same, quick lengths, with TF32 tensor-core products for every method.
+  if [ "${FUSED_TF32:-1}" = 1 ]; then
+    env -u TRITON_INTERPRET timeout "${FUSED_TF32_TIMEOUT:-150}" python3 benchmarks/gpu_fused.py \
+      --quick --tf32 --out "$OUT/gpu_fused_tf32.json" > "$OUT/fused_tf32.log" 2>&1
+    echo "fused tf32 bench exit $?"
+  fi
+  python3 - "$OUT/gpu_fused.json" "$OUT/gpu_fused_tf32.json" <<'PY' || true
+import json, os, sys
+for path in sys.argv[1:]:
+  if not os.path.exists(path):
+    continue
+  res = json.load(open(path))
+  print(path, "tf32" if res["tf32"] else "float32")
+  for c in res["cells"]:
     if "s" in c:
         print(f"L={c['L']:>6} {c['method']:<20} causal={c['causal']!s:<5} bwd={c['backward']!s:<5} "
               f"{c['s'] * 1e3:9.3f} ms  bound {c['fraction of bound']:6.1%}  fused={c['fused kernels ran']}")

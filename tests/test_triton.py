@@ -325,7 +325,13 @@ def test_gpu_benchmark_smoke(tmp_path):
     bench = _bench_module()
     out = tmp_path / "fused.json"
     args = argparse.Namespace(
-        smoke=True, quick=True, out=str(out), dtype="float32", bandwidth=4.8e12, cell_cap=60.0
+        smoke=True,
+        quick=True,
+        out=str(out),
+        dtype="float32",
+        bandwidth=4.8e12,
+        cell_cap=60.0,
+        tf32=False,
     )
     res = bench.run(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
