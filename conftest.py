@@ -15,3 +15,6 @@ collect_ignore = [
     )
     if importlib.util.find_spec(needs) is None
 ]
+# The fused GPU kernels need triton and torch (the `gpu` extra).
+if any(importlib.util.find_spec(needs) is None for needs in ("triton", "torch")):
+    collect_ignore.append("src/favorplus/_triton")

@@ -61,6 +61,15 @@ for _name, (_extras, _env) in BACKENDS.items():
     _make_test_session(_name, _extras, _env)
 
 
+@nox.session(name="tests-triton", tags=["tests"])
+def tests_triton(session: nox.Session) -> None:
+    """The fused Triton kernels under Triton's interpreter (CPU tensors; no GPU needed)."""
+    session.install(*CONSTRAINTS, "-e", ".[test,torch,gpu]")
+    paths = ("tests/test_triton.py", "src/favorplus/_fastpath.py", "src/favorplus/_triton")
+    env = {"TRITON_INTERPRET": "1"}
+    session.run("python", "-m", "pytest", *(session.posargs or paths), env=env)
+
+
 @nox.session(tags=["lint"])
 def lint(session: nox.Session) -> None:
     """ruff check."""

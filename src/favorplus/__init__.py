@@ -5,6 +5,7 @@ PyTorch, JAX, CuPy and array-api-strict arrays and returns results of the caller
 own kind, on the caller's device.
 """
 
+from ._fastpath import fast_path, get_fast_path, set_fast_path
 from .attention import favor_attention, favor_attention_matrix, softmax_attention
 from .causal import CausalState, favor_attention_step, init_causal_state
 from .features import KERNELS, feature_map
@@ -16,11 +17,14 @@ __all__ = [
     "CausalState",
     "MaskParts",
     "draw_projection",
+    "fast_path",
     "favor_attention",
     "favor_attention_matrix",
     "favor_attention_step",
     "feature_map",
+    "get_fast_path",
     "init_causal_state",
+    "set_fast_path",
     "softmax_attention",
     "split_mask",
 ]

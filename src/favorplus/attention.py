@@ -22,6 +22,7 @@ from ._backend import (
     stop_gradient,
     subtract,
 )
+from ._fastpath import dispatch
 from ._stabilize import NEG_INF, bidirectional_features, query_features
 from ._validation import Checked, check_attention_inputs, check_flag
 from .features import FeatureParts, Kernel, KernelLike, feature_parts, resolve_kernel
@@ -496,6 +497,11 @@ def favor_attention(
         prep.keep_scale,
     )
     arrays = (q, k, v, projection, prep.key_mask, prep.key_bias, prep.keep)
+    fused = dispatch(
+        q, k, v, projection, prep, kern, statics[5], lambda *a: _favor_core(*a, None, *statics)
+    )
+    if fused is not None:
+        return fused  # the fused GPU kernels (see _fastpath.py)
     return call_core(_favor_core, arrays, statics)
 
 
