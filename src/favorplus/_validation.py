@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from ._backend import Array, Namespace, broadcast_shapes, check_float, common_namespace
-from .features import Kernel
 
 __all__ = ["Checked", "check_attention_inputs", "check_projection", "check_scale"]
 
@@ -27,8 +26,13 @@ def check_scale(scale: float | None, dim: int) -> float:
     return value
 
 
-def check_projection(xp: Namespace, projection: Array | None, dim: int, kernel: Kernel) -> None:
-    """The projection is an (m, d) float array with d matching the inputs."""
+def check_projection(xp: Namespace, projection: Array | None, dim: int, kernel: Any) -> None:
+    """The projection is an (m, d) float array with d matching the inputs.
+
+    ``kernel`` is a resolved :class:`favorplus.features.Kernel`, read through its
+    ``softmax`` and ``name`` attributes only, so that validation sits below the feature
+    maps in the module layers.
+    """
     if projection is None:
         if kernel.softmax:
             raise ValueError(
@@ -79,7 +83,7 @@ def check_attention_inputs(
     scale: float | None,
     *,
     projection: Array | None = None,
-    kernel: Kernel | None = None,
+    kernel: Any = None,
     causal: bool = False,
 ) -> Checked:
     """Check q, k, v, key_mask, projection and scale together."""
