@@ -7,18 +7,36 @@ own kind, on the caller's device.
 
 from .attention import favor_attention, favor_attention_matrix, softmax_attention
 from .causal import CausalState, favor_attention_step, init_causal_state
+from .estimators import (
+    ESTIMATORS,
+    OPRF,
+    SADERF,
+    FeatureStatistics,
+    feature_statistics,
+    oprf_second_moment,
+    optimal_a,
+    saderf_psi,
+)
 from .features import KERNELS, feature_map
 from .projection import draw_projection
 
 __all__ = [
+    "ESTIMATORS",
     "KERNELS",
+    "OPRF",
+    "SADERF",
     "CausalState",
+    "FeatureStatistics",
     "draw_projection",
     "favor_attention",
     "favor_attention_matrix",
     "favor_attention_step",
     "feature_map",
+    "feature_statistics",
     "init_causal_state",
+    "optimal_a",
+    "oprf_second_moment",
+    "saderf_psi",
     "softmax_attention",
 ]
 

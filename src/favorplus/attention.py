@@ -270,6 +270,22 @@ def favor_attention(
         check_chunk_size(chunk_size),
         chk.batch,
     )
+    if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: favorplus.estimators
+        from .estimators import LEAK, call_estimator
+
+        refuse = f"in causal attention {LEAK}" if causal else None
+        arrays = (q, k, v, projection, key_mask)
+        return call_estimator(
+            _favor_core,
+            arrays,
+            statics,
+            kern,
+            xp=chk.xp,
+            scale=chk.scale,
+            dtype=chk.dtype,
+            batch=chk.batch,
+            refuse=refuse,
+        )
     return call_core(_favor_core, (q, k, v, projection, key_mask), statics)
 
 
@@ -332,6 +348,13 @@ def favor_attention_matrix(
     if qc.shape[-2] == 0 or kc.shape[-2] == 0:
         empty = to_batch(xp, xp.matmul(qc, xp.matrix_transpose(kc)), chk.batch, 2)  # no entry
         return xp.astype(empty, q.dtype, copy=False)
+    if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: favorplus.estimators
+        from .estimators import LEAK, bound_pair
+
+        refuse = f"even in the causal attention matrix {LEAK}" if causal else None
+        qc, kc, kern = bound_pair(
+            xp, kern, qc, kc, key_mask, chk.batch, chk.scale, chk.dtype, refuse
+        )
     qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern)
     qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
     scores = xp.matmul(qf, xp.matrix_transpose(kf))
