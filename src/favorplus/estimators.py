@@ -310,7 +310,7 @@ def _psi(xp: Namespace, st: FeatureStatistics) -> Array:
     """``(E k_l^2 / E q_l^2)^(1/4)``, guarded against zero coordinates and clipped."""
     qs, ks = st.query_sq_mean, st.key_sq_mean
     level = 0.5 * (xp.mean(qs, axis=-1, keepdims=True) + xp.mean(ks, axis=-1, keepdims=True))
-    tiny = 1e-6 * level + float(xp.finfo(qs.dtype).tiny)
+    tiny = 1e-12 * level + float(xp.finfo(qs.dtype).smallest_normal)
     ratio = (ks + tiny) / (qs + tiny)
     ratio = xp.where(xp.isnan(ratio), 1.0, ratio)
     return xp.sqrt(xp.sqrt(xp.clip(ratio, PSI4_MIN, 1.0 / PSI4_MIN)))
@@ -321,7 +321,7 @@ def saderf_psi(statistics: FeatureStatistics) -> Array:
 
     Queries are multiplied by ``psi`` and keys divided by it (the kernel is unchanged).
     A coordinate that is zero in all queries or all keys is guarded (a relative
-    ``1e-6`` added to both moments) and ``psi^4`` is clipped to ``[1e-8, 1e8]``.
+    ``1e-12`` added to both moments) and ``psi^4`` is clipped to ``[1e-8, 1e8]``.
 
     Returns
     -------
