@@ -70,6 +70,8 @@ def demo(session: nox.Session) -> None:
 # benchmarks/run.py: the speed and memory goals; benchmarks/paper.py: the paper's figures.
 RUN_BENCHES = ("bidirectional", "causal")
 PAPER_FIGURES = ("fig2", "fig3", "fig4", "peers")
+# benchmarks/estimators.py: simplex, OPRF and SADERF beside FAVOR+ (accuracy and cost).
+ESTIMATOR_BENCHES = ("estimators",)
 
 
 @nox.session
@@ -77,13 +79,14 @@ def bench(session: nox.Session) -> None:
     """The benchmarks: `nox -s bench -- [NAME ...] [--quick]`.
 
     NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
-    (benchmarks/paper.py); none: all of them. --quick: small sizes (each under a
-    minute, written to benchmarks/results/quick/ so that committed results stay).
+    (benchmarks/paper.py), estimators (benchmarks/estimators.py); none: all of them.
+    --quick: small sizes (each under a minute, written to benchmarks/results/quick/ so
+    that committed results stay).
     """
     session.install(
         *CONSTRAINTS, "-e", ".[torch,jax,strict]", "performer-pytorch", "psutil", "matplotlib"
     )
-    known = RUN_BENCHES + PAPER_FIGURES
+    known = RUN_BENCHES + PAPER_FIGURES + ESTIMATOR_BENCHES
     names = [a for a in session.posargs if a in known] or list(known)
     options = [a for a in session.posargs if a not in known]  # e.g. --quick, --cap 2
     run = [n for n in names if n in RUN_BENCHES]
@@ -93,6 +96,8 @@ def bench(session: nox.Session) -> None:
         session.run("python", "benchmarks/run.py", *run, *options, *out)
     for figure in (n for n in names if n in PAPER_FIGURES):
         session.run("python", "benchmarks/paper.py", figure, *options)
+    if "estimators" in names:
+        session.run("python", "benchmarks/estimators.py", *[o for o in options if o == "--quick"])
 
 
 @nox.session
