@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from ._backend import (
     Array,
@@ -458,6 +458,7 @@ class OPRF:
 
     a: float | Array | None = None
     statistics: FeatureStatistics | None = None
+    _estimator: ClassVar[str] = "oprf"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "a", _check_a_value(self.a))
@@ -504,6 +505,7 @@ class SADERF:
     psi: Array | None = None
     a: float | Array | None = None
     statistics: FeatureStatistics | None = None
+    _estimator: ClassVar[str] = "saderf"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "a", _check_a_value(self.a))
@@ -576,11 +578,11 @@ def resolve_estimator(kernel: Any) -> EstimatorKernel | None:
         if kernel not in ESTIMATORS:
             return None
         spec: Any = OPRF() if kernel == "softmax_oprf" else SADERF()
-    elif isinstance(kernel, (OPRF, SADERF)):
-        spec = kernel
+    elif getattr(kernel, "_estimator", None) in ("oprf", "saderf"):
+        spec = kernel  # an OPRF or SADERF (tagged: robust to a module imported twice)
     else:
         return None
-    saderf = isinstance(spec, SADERF)
+    saderf = spec._estimator == "saderf"
     name = "softmax_saderf" if saderf else "softmax_oprf"
     return EstimatorKernel(name, True, saderf=saderf, spec=spec)
 
