@@ -90,10 +90,12 @@ def demo(session: nox.Session) -> None:
 RUN_BENCHES = ("bidirectional", "causal")
 PAPER_FIGURES = ("fig2", "fig3", "fig4", "peers")
 # benchmarks/generate.py: transformers' generate() with DynamicCache vs FavorplusCache;
-# benchmarks/sklearn_kernels.py: favorplus.sklearn against RBFSampler and Nystroem.
+# benchmarks/sklearn_kernels.py: favorplus.sklearn against RBFSampler and Nystroem;
+# benchmarks/estimators.py: simplex, OPRF and SADERF beside FAVOR+ (accuracy and cost).
 SCRIPT_BENCHES = {
     "generate": "benchmarks/generate.py",
     "sklearn_kernels": "benchmarks/sklearn_kernels.py",
+    "estimators": "benchmarks/estimators.py",
 }
 
 
@@ -103,8 +105,9 @@ def bench(session: nox.Session) -> None:
 
     NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
     (benchmarks/paper.py), generate (benchmarks/generate.py), sklearn_kernels
-    (benchmarks/sklearn_kernels.py); none: all of them. --quick: small sizes (each under
-    a minute, written to benchmarks/results/quick/ so that committed results stay).
+    (benchmarks/sklearn_kernels.py), estimators (benchmarks/estimators.py); none: all of
+    them. --quick: small sizes (each under a minute, written to benchmarks/results/quick/
+    so that committed results stay).
     """
     session.install(
         *CONSTRAINTS,

@@ -8,22 +8,40 @@ own kind, on the caller's device.
 from ._fastpath import fast_path, get_fast_path, set_fast_path
 from .attention import favor_attention, favor_attention_matrix, softmax_attention
 from .causal import CausalState, favor_attention_step, init_causal_state
+from .estimators import (
+    ESTIMATORS,
+    OPRF,
+    SADERF,
+    FeatureStatistics,
+    feature_statistics,
+    oprf_second_moment,
+    optimal_a,
+    saderf_psi,
+)
 from .features import KERNELS, feature_map
 from .masks import MaskParts, split_mask
 from .projection import draw_projection
 
 __all__ = [
+    "ESTIMATORS",
     "KERNELS",
+    "OPRF",
+    "SADERF",
     "CausalState",
-    "MaskParts",
     "draw_projection",
     "fast_path",
     "favor_attention",
     "favor_attention_matrix",
     "favor_attention_step",
     "feature_map",
+    "feature_statistics",
+    "FeatureStatistics",
     "get_fast_path",
     "init_causal_state",
+    "MaskParts",
+    "oprf_second_moment",
+    "optimal_a",
+    "saderf_psi",
     "set_fast_path",
     "softmax_attention",
     "split_mask",

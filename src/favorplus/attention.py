@@ -497,6 +497,21 @@ def favor_attention(
         prep.keep_scale,
     )
     arrays = (q, k, v, projection, prep.key_mask, prep.key_bias, prep.keep)
+    if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: favorplus.estimators
+        from .estimators import LEAK, call_estimator
+
+        refuse = f"in causal attention {LEAK}" if prep.causal else None
+        return call_estimator(
+            _favor_core,
+            arrays,
+            statics,
+            kern,
+            xp=chk.xp,
+            scale=chk.scale,
+            dtype=chk.dtype,
+            batch=chk.batch,
+            refuse=refuse,
+        )
     fused = dispatch(
         q, k, v, projection, prep, kern, statics[5], lambda *a: _favor_core(*a, None, *statics)
     )
@@ -569,6 +584,13 @@ def favor_attention_matrix(
     if qc.shape[-2] == 0 or kc.shape[-2] == 0:
         empty = to_batch(xp, xp.matmul(qc, xp.matrix_transpose(kc)), chk.batch, 2)  # no entry
         return xp.astype(empty, q.dtype, copy=False)
+    if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: favorplus.estimators
+        from .estimators import LEAK, bound_pair
+
+        refuse = f"even in the causal attention matrix {LEAK}" if prep.causal else None
+        qc, kc, kern = bound_pair(
+            xp, kern, qc, kc, key_mask, chk.batch, chk.scale, chk.dtype, refuse
+        )
     bias = None if prep.key_bias is None else xp.astype(prep.key_bias, chk.dtype, copy=False)
     qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern, bias)
     qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)

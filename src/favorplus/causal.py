@@ -500,7 +500,22 @@ def favor_attention_step(
             batch, state.log_scale.shape, names=["q, k, v and key_mask", "state.log_scale"]
         )
     statics = (xp, kern, chk.scale, chk.dtype, check_chunk_size(chunk_size), batch)
-    return call_core(_step_core, (q, k, v, projection, key_mask, key_bias, state), statics)
+    arrays = (q, k, v, projection, key_mask, key_bias, state)
+    if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: favorplus.estimators
+        from .estimators import LEAK, call_estimator
+
+        return call_estimator(
+            _step_core,
+            arrays,
+            statics,
+            kern,
+            xp=xp,
+            scale=chk.scale,
+            dtype=chk.dtype,
+            batch=batch,
+            refuse=f"in decoding {LEAK}",
+        )
+    return call_core(_step_core, arrays, statics)
 
 
 def _step_core(

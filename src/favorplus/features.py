@@ -36,13 +36,19 @@ class Kernel:
 
 def resolve_kernel(kernel: KernelLike) -> Kernel:
     """Check and resolve the ``kernel`` argument."""
+    from .estimators import resolve_estimator
+
+    estimator = resolve_estimator(kernel)  # OPRF / SADERF names and objects
+    if estimator is not None:
+        return estimator
     if callable(kernel):
         return Kernel(getattr(kernel, "__name__", "custom"), softmax=False, func=kernel)
     if isinstance(kernel, str) and kernel in KERNELS:
         return Kernel(kernel, softmax=kernel != "relu")
     raise ValueError(
-        f"kernel must be one of {KERNELS} or a callable applied elementwise to the "
-        f"projections (generalized attention); got {kernel!r}"
+        f"kernel must be one of {KERNELS}, 'softmax_oprf', 'softmax_saderf', an OPRF or "
+        f"SADERF object, or a callable applied elementwise to the projections (generalized "
+        f"attention); got {kernel!r}"
     )
 
 
@@ -75,6 +81,9 @@ def feature_parts(
     feature of a row, and the global normalisation, are left out (they cancel in
     the attention ratio for queries); the result then is phi up to a per-row factor.
     """
+    own = getattr(kernel, "feature_parts", None)  # estimators.EstimatorKernel
+    if own is not None:
+        return own(xp, x, projection, scale, row_constants=row_constants)
     root = math.sqrt(scale)
     if projection is None:
         # Deterministic generalized attention: phi(x) = f(sqrt(scale) x).
@@ -133,6 +142,7 @@ def feature_map(
     *,
     kernel: KernelLike = "softmax",
     scale: float | None = None,
+    role: str = "query",
 ) -> Array:
     """The random features phi(x) of a kernel, unstabilized.
 
@@ -153,9 +163,14 @@ def feature_map(
     kernel : str or callable
         ``"softmax"`` (positive features, m of them), ``"softmax_hyperbolic"``
         (2m), ``"softmax_trig"`` (2m), ``"relu"`` or an elementwise callable
-        ``f`` for generalized attention ``f(W x) / sqrt(m)``.
+        ``f`` for generalized attention ``f(W x) / sqrt(m)``; :class:`~favorplus.OPRF`
+        or :class:`~favorplus.SADERF` with fixed parameters or statistics (see
+        :mod:`favorplus.estimators`).
     scale : float, optional
         Scale of the inner product, default ``1 / sqrt(d)``.
+    role : {"query", "key"}
+        Which side ``x`` is: only SADERF's features differ (queries are multiplied by
+        psi, keys divided by it).
 
     Returns
     -------
@@ -184,5 +199,11 @@ def feature_map(
     dtype = compute_dtype(xp, x)
     xc = xp.astype(x, dtype, copy=False)
     w = None if projection is None else xp.astype(projection, dtype, copy=False)
+    if role not in ("query", "key"):
+        raise ValueError(f"role must be 'query' or 'key'; got {role!r}")
+    if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: bind the parameters
+        from .estimators import one_side
+
+        xc, kern = one_side(xp, kern, xc, role, sc, dtype)
     parts = feature_parts(xp, xc, w, kern, sc, row_constants=True)
     return xp.astype(assemble(xp, parts, xc), x.dtype, copy=False)

@@ -18,7 +18,7 @@ from ._backend import Array, Namespace
 
 __all__ = ["draw_projection", "to_namespace"]
 
-_KINDS = ("orthogonal", "iid")
+_KINDS = ("orthogonal", "iid", "simplex")
 _NORMS = ("chi", "sqrt_d")
 
 
@@ -98,7 +98,7 @@ def draw_projection(
     num_features: int,
     dim: int,
     *,
-    kind: Literal["orthogonal", "iid"] = "orthogonal",
+    kind: Literal["orthogonal", "iid", "simplex"] = "orthogonal",
     norms: Literal["chi", "sqrt_d"] = "chi",
     seed: int | np.random.Generator | None = None,
     xp: Namespace | None = None,
@@ -115,10 +115,14 @@ def draw_projection(
         multiple of ``dim``.
     dim : int
         Feature dimension d of the queries and keys.
-    kind : {"orthogonal", "iid"}
+    kind : {"orthogonal", "iid", "simplex"}
         ``"orthogonal"`` stacks ``ceil(m / d)`` independent Haar-distributed
         orthogonal blocks (rows orthogonal within a block) and keeps m rows;
-        ``"iid"`` draws every entry from N(0, 1).
+        ``"iid"`` draws every entry from N(0, 1); ``"simplex"`` (simplex random
+        features, Reid et al. 2023) gives the d rows of each block the directions
+        of the vertices of a regular simplex (pairwise cosine ``-1/(d-1)``), rotated
+        by an independent Haar matrix: lower variance than orthogonal blocks for
+        positive features (see :mod:`favorplus.simplex`).
     norms : {"chi", "sqrt_d"}
         Row lengths. ``"chi"`` gives each row the length of an independent
         N(0, I_d) vector, so every row is marginally N(0, I_d) and the softmax
@@ -155,6 +159,10 @@ def draw_projection(
     >>> block = w[:4] / np.linalg.norm(w[:4], axis=1, keepdims=True)
     >>> bool(np.allclose(block @ block.T, np.eye(4)))
     True
+    >>> s = draw_projection(4, 4, kind="simplex", seed=0)
+    >>> u = s / np.linalg.norm(s, axis=1, keepdims=True)
+    >>> bool(np.allclose(u @ u.T, np.where(np.eye(4) == 1, 1.0, -1 / 3)))
+    True
     """
     if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
         raise TypeError(f"num_features must be an int; got {type(num_features).__name__}")
@@ -181,7 +189,12 @@ def draw_projection(
         if norms == "sqrt_d":
             w = w / np.linalg.norm(w, axis=1, keepdims=True) * math.sqrt(dim)
     else:
-        blocks = [_haar_orthogonal(rng, dim) for _ in range(-(-num_features // dim))]
+        if kind == "simplex":
+            from .simplex import simplex_blocks
+
+            blocks = simplex_blocks(rng, dim, -(-num_features // dim))
+        else:
+            blocks = [_haar_orthogonal(rng, dim) for _ in range(-(-num_features // dim))]
         directions = np.concatenate(blocks, axis=0)[:num_features]
         if norms == "chi":
             lengths = np.sqrt(rng.chisquare(dim, size=num_features))
