@@ -334,23 +334,33 @@ def causal_attention(
     block = block_length(q, batch, kern, w, chunk, training=training) or length
 
     def run_block(
-        qb: Array, kb: Array, vb: Array, mb: Array | None, st: CausalState | None
+        qb: Array,
+        kb: Array,
+        vb: Array,
+        mb: Array | None,
+        st: CausalState | None,
+        wb: Array | None,
     ) -> tuple[Array, CausalState]:
-        qparts, kparts = _parts(xp, scale, qb, kb, w, kern)
+        # Every array it reads is an argument (none from the closure): recompute checks
+        # that none of them changed in place before the backward pass.
+        qparts, kparts = _parts(xp, scale, qb, kb, wb, kern)
         return causal_from_parts(xp, qparts, kparts, vb, mb, st, batch, chunk)
 
     if block >= length:
-        return run_block(q, k, v, key_mask, state)
+        return run_block(q, k, v, key_mask, state, w)
     outs = []
     masks = [None] * -(-length // block) if key_mask is None else split(key_mask, block, -1)
     for qb, kb, vb, mb in zip(split(q, block, -2), split(k, block, -2), split(v, block, -2), masks):
         if training:
-            out, state = recompute(run_block, qb, kb, vb, mb, state)
+            out, state = recompute(run_block, qb, kb, vb, mb, state, w, names=_BLOCK_ARGUMENTS)
         else:
-            out, state = run_block(qb, kb, vb, mb, state)
+            out, state = run_block(qb, kb, vb, mb, state, w)
         outs.append(out)
     assert state is not None
     return xp.concat(outs, axis=-2), state  # (two blocks at least here)
+
+
+_BLOCK_ARGUMENTS = ("q", "k", "v", "key_mask", "the causal state", "the projection")
 
 
 def init_causal_state(
