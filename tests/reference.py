@@ -46,7 +46,17 @@ def quadratic_attention(
         a = np.tril(a)
     den = a.sum(-1, keepdims=True)
     v = v if key_mask is None else np.where(key_mask[..., None], v, 0.0)
-    return np.where(den == 0, 0.0, (a @ v) / np.where(den == 0, 1.0, den))
+    allowed = np.tril(np.ones(a.shape[-2:], dtype=bool)) if causal else None
+    return np.where(den == 0, 0.0, _product(a, v, allowed) / np.where(den == 0, 1.0, den))
+
+
+def _product(a: np.ndarray, v: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """``a @ v`` over the allowed pairs only: a left-out pair contributes nothing, even
+    where its value is inf or NaN (a plain product would give 0 * inf = NaN)."""
+    if allowed is None:
+        return a @ v
+    terms = a[..., :, :, None] * v[..., None, :, :]
+    return np.where(allowed[..., None], terms, 0.0).sum(-2)
 
 
 def exact_attention(q, k, v, *, key_mask=None, causal=False, scale=None) -> np.ndarray:
@@ -65,7 +75,7 @@ def exact_attention(q, k, v, *, key_mask=None, causal=False, scale=None) -> np.n
     p = np.where(allowed, np.exp(s - top), 0.0)
     den = p.sum(-1, keepdims=True)
     v = v if key_mask is None else np.where(key_mask[..., None], v, 0.0)
-    return np.where(den == 0, 0.0, (p @ v) / np.where(den == 0, 1.0, den))
+    return np.where(den == 0, 0.0, _product(p, v, allowed) / np.where(den == 0, 1.0, den))
 
 
 # Mean squared error of one estimate phi(x).phi(y) of exp(x.y) with m iid features

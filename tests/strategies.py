@@ -66,3 +66,35 @@ def problems(
         mask = rng.random((*lead(), lk)) < draw(st.floats(0.3, 1.0))
     m = draw(st.integers(1, 40))
     return Problem(q, k, v, mask, m, draw(st.integers(0, 2**31 - 1)))
+
+
+# --- adversarial values (tests/test_fuzz.py) -------------------------------------------
+
+NON_FINITE = (float("inf"), float("-inf"), float("nan"))
+
+
+def extremes(dtype: str) -> tuple[float, ...]:
+    """The dtype's largest finite magnitudes, its smallest normal and subnormal numbers."""
+    info = np.finfo(np.float32 if dtype == "bfloat16" else dtype)
+    big = float(info.max) if dtype != "bfloat16" else 3.3e38
+    return (big, -big, float(info.tiny), float(info.smallest_subnormal), -0.0)
+
+
+def adversarial_values(dtype: str) -> st.SearchStrategy[float]:
+    """One adversarial scalar: inf, -inf, NaN, or one of the dtype's extremes."""
+    return st.sampled_from((*NON_FINITE, *extremes(dtype)))
+
+
+@st.composite
+def causal_cases(draw, *, max_len: int = 40):
+    """A small causal problem, a split point t and a chunk length: (q, k, v, m, t, chunk)."""
+    length = draw(st.integers(2, max_len))
+    t = draw(st.integers(1, length - 1))
+    d = draw(st.sampled_from([1, 3, 8]))
+    dv = draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    q, k = (0.6 * rng.standard_normal((2, length, d)) for _ in range(2))
+    v = rng.standard_normal((2, length, dv))
+    m = draw(st.sampled_from([4, 16, 32]))
+    chunk = draw(st.sampled_from([None, 1, 3, 8, 64]))
+    return q, k, v, m, t, chunk

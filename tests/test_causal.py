@@ -339,3 +339,100 @@ def test_decoding_step_without_tokens(xp):
     later, _ = fp.favor_attention_step(q, k, v, w, same)
     direct, _ = fp.favor_attention_step(q, k, v, w, state)
     np.testing.assert_array_equal(xp.numpy(later), xp.numpy(direct))
+
+
+# --- recomputed blocks and in-place changes (torch autograd, CPU) ----------------------
+
+
+def _torch_problem(torch, L=512, heads=8, d=16, m=256, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (torch.from_numpy(0.5 * rng.standard_normal((2, heads, L, d))) for _ in range(3))
+    return q, k, v, torch.from_numpy(fp.draw_projection(m, d, seed=seed))
+
+
+@pytest.mark.parametrize("changed", ["projection", "k", "v"])
+def test_in_place_change_before_backward_is_an_error(changed):
+    """At L = 512 (8 heads, m = 256) the CPU blocks are recomputed in the backward pass:
+    an input changed in place in between is an error naming it, as autograd's own
+    saved tensors are, never the gradient of another function."""
+    torch = pytest.importorskip("torch")
+    q, k, v, w = _torch_problem(torch)
+    q.requires_grad_()
+    out = fp.favor_attention(q, k, v, w, causal=True)
+    target = {"projection": w, "k": k, "v": v}[changed]
+    with torch.no_grad():
+        target.mul_(1.5)
+    with pytest.raises(RuntimeError, match=rf"favorplus: (the )?{changed}\b.*in-place"):
+        out.sum().backward()
+
+
+def test_gradient_with_recomputed_blocks_is_right():
+    """The recomputed blocks give autograd's gradient of the one-pass computation."""
+    torch = pytest.importorskip("torch")
+    from favorplus import _backend
+
+    q, k, v, w = _torch_problem(torch, L=96, heads=2, d=4, m=16)
+    cot = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 2, 96, 4)))
+
+    def grads(numbers):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_backend, "BLOCK_NUMBERS", numbers)
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            (fp.favor_attention(qq, kk, vv, w, causal=True, chunk_size=8) * cot).sum().backward()
+            return [x.grad for x in (qq, kk, vv)]
+
+    blocked = grads(4 * 16 * 2 * 2 * 16)  # blocks of 16 tokens: recomputed
+    one = grads(1 << 30)
+    for a, b in zip(blocked, one):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_redraw_between_calls_keeps_the_pending_backward():
+    """FavorAttention(redraw_interval=1) called twice before one backward: each call's
+    gradient is that of its own projection (the redraw replaces the buffer)."""
+    torch = pytest.importorskip("torch")
+    from favorplus import _backend
+    from favorplus.torch import FavorAttention
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((2, 80, 16)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_backend, "BLOCK_NUMBERS", 4 * 16 * 2 * 4 * 8)  # recomputed blocks
+        layer = FavorAttention(
+            16,
+            4,
+            causal=True,
+            batch_first=True,
+            redraw_interval=1,
+            seed=0,
+            num_features=8,
+            chunk_size=4,
+            dtype=torch.float64,
+        )
+        layer.train()
+        xs = x.clone().requires_grad_()
+        first, _ = layer(xs)
+        p0 = layer.projection.clone()
+        second, _ = layer(xs)
+        p1 = layer.projection.clone()
+        assert not torch.equal(p0, p1)
+        (first.square().sum() + second.sum()).backward()
+
+        # The same two functions, each with its projection fixed (no redraw).
+        fixed = FavorAttention(
+            16,
+            4,
+            causal=True,
+            batch_first=True,
+            num_features=8,
+            chunk_size=4,
+            dtype=torch.float64,
+        )
+        fixed.load_state_dict({**layer.state_dict(), "projection": p0})
+        xr = x.clone().requires_grad_()
+        a = fixed(xr)[0].square().sum()
+        fixed.projection = p1
+        (a + fixed(xr)[0].sum()).backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    for (name, p), (_, r) in zip(layer.named_parameters(), fixed.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12, msg=name)

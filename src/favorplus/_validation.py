@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Array, Namespace, broadcast_shapes, check_float, common_namespace
+from ._backend import (
+    Array,
+    Namespace,
+    broadcast_shapes,
+    check_float,
+    common_namespace,
+    require,
+)
 
 __all__ = ["Checked", "check_attention_inputs", "check_projection", "check_scale"]
 
@@ -91,6 +98,7 @@ def check_attention_inputs(
 
     causal = check_flag("causal", causal)
 
+    require(q=q, k=k, v=v)
     xp = common_namespace(q=q, k=k, v=v, projection=projection, key_mask=key_mask)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(xp, name, x)
@@ -108,6 +116,11 @@ def check_attention_inputs(
         raise ValueError(
             f"k and v must have the same length (axis -2); got k.shape={tuple(k.shape)} "
             f"and v.shape={tuple(v.shape)}"
+        )
+    if q.shape[-1] < 1:
+        raise ValueError(
+            f"q and k must have at least one feature (d >= 1); got q.shape={tuple(q.shape)} "
+            f"and k.shape={tuple(k.shape)}"
         )
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(

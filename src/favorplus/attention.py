@@ -48,6 +48,39 @@ def safe_divide(xp: Namespace, num: Array, den: Array) -> Array:
     return num / xp.where(den == 0, float("inf"), den)
 
 
+def nonfinite_prefix(xp: Namespace, v: Array) -> tuple[Array, Array] | None:
+    """For causal products ``weights @ v`` whose weights above the diagonal are 0.
+
+    A product would turn those zeros times a later inf or NaN value into NaN in
+    earlier rows (a leak from the future). Returns ``(finite, extra)``: v with its
+    non-finite entries set to 0, and what they add to each row i of the product,
+    ``-0.0`` (adds nothing, bit for bit) or the inf / NaN that the arithmetic of positive
+    weights gives from the values at positions <= i along axis -2: +inf, -inf, or NaN
+    (NaN, or infinities of both signs). ``weights @ finite + extra`` is then the
+    product with the future left out. None where v is all finite, checked on eager CPU
+    arrays; elsewhere (traced programs, GPUs) always computed: two running counts and a
+    few selects over v, O(L dv), against the products' O(L m d).
+    """
+    if host_readable(v) and bool(xp.all(xp.isfinite(v))):
+        return None
+    nan = xp.isnan(v)
+    up = xp.logical_or(v == float("inf"), nan)
+    down = xp.logical_or(v == float("-inf"), nan)
+    up = xp.cumulative_sum(xp.astype(up, xp.int32), axis=v.ndim - 2) > 0
+    down = xp.cumulative_sum(xp.astype(down, xp.int32), axis=v.ndim - 2) > 0
+    dt, dev = v.dtype, device(v)
+
+    def const(x: float) -> Array:
+        return xp.asarray(x, dtype=dt, device=dev)
+
+    extra = xp.where(
+        up,
+        xp.where(down, const(float("nan")), const(float("inf"))),
+        xp.where(down, const(float("-inf")), const(-0.0)),
+    )
+    return xp.where(xp.isfinite(v), v, const(0.0)), extra
+
+
 def _cast_inputs(
     xp: Namespace,
     dtype: Any,
@@ -717,5 +750,11 @@ def _softmax_core(
     top = xp.where(xp.isfinite(top), top, 0.0)
     weights = xp.exp(scores - top)
     den = xp.sum(weights, axis=-1, keepdims=True)
-    out = safe_divide(xp, xp.matmul(weights, vc), den)
+    split_values = nonfinite_prefix(xp, vc) if causal else None
+    if split_values is None:
+        num = xp.matmul(weights, vc)
+    else:  # later inf / NaN values reach later rows only (see nonfinite_prefix)
+        finite, extra = split_values
+        num = xp.matmul(weights, finite) + extra
+    out = safe_divide(xp, num, den)
     return xp.astype(out, v.dtype, copy=False)

@@ -44,7 +44,15 @@ from ._backend import (
     subtract,
 )
 from ._stabilize import NEG_INF, query_features
-from .attention import _cast_inputs, _no_pairs, _parts, block_length, safe_divide, to_batch
+from .attention import (
+    _cast_inputs,
+    _no_pairs,
+    _parts,
+    block_length,
+    nonfinite_prefix,
+    safe_divide,
+    to_batch,
+)
 from .features import FeatureParts, KernelLike, resolve_kernel
 
 __all__ = ["CausalState", "favor_attention_step", "init_causal_state"]
@@ -229,7 +237,13 @@ def _causal_core(
         scores = multiply(xp, scores, decay, owned=owned)
     # (a select, not a zero factor: future entries must not turn into NaN via inf * 0)
     weights = lower_triangle(xp, scores, owned=owned)
-    out = xp.matmul(weights, vc)
+    split_values = nonfinite_prefix(xp, vc)
+    if split_values is None:
+        out = xp.matmul(weights, vc)
+    else:  # inf / NaN values reach later rows of their chunk only (the state: raw values)
+        finite, extra = split_values
+        out = xp.matmul(weights, finite)
+        out = add(xp, out, extra, owned=not needs_grad(out))
 
     scaled_v = vc if flat else vc * xp.exp(c - after[..., None])[..., None]
     updates = xp.matmul(xp.matrix_transpose(kh), scaled_v)  # (B, n, M, dv + 1)
@@ -343,12 +357,15 @@ def causal_attention(
         mb: Array | None,
         bb: Array | None,
         st: CausalState | None,
+        wb: Array | None,
     ) -> tuple[Array, CausalState]:
-        qparts, kparts = _parts(xp, scale, qb, kb, w, kern, bb)
+        # Every array it reads is an argument (none from the closure): recompute checks
+        # that none of them changed in place before the backward pass.
+        qparts, kparts = _parts(xp, scale, qb, kb, wb, kern, bb)
         return causal_from_parts(xp, qparts, kparts, vb, mb, st, batch, chunk)
 
     if block >= length:
-        return run_block(q, k, v, key_mask, key_bias, state)
+        return run_block(q, k, v, key_mask, key_bias, state, w)
     outs = []
     nothing = [None] * -(-length // block)
     masks = nothing if key_mask is None else split(key_mask, block, -1)
@@ -356,12 +373,25 @@ def causal_attention(
     pieces = (split(q, block, -2), split(k, block, -2), split(v, block, -2), masks, biases)
     for qb, kb, vb, mb, bb in zip(*pieces):
         if training:
-            out, state = recompute(run_block, qb, kb, vb, mb, bb, state)
+            out, state = recompute(
+                run_block, qb, kb, vb, mb, bb, state, w, names=_BLOCK_ARGUMENTS
+            )
         else:
-            out, state = run_block(qb, kb, vb, mb, bb, state)
+            out, state = run_block(qb, kb, vb, mb, bb, state, w)
         outs.append(out)
     assert state is not None
     return xp.concat(outs, axis=-2), state  # (two blocks at least here)
+
+
+_BLOCK_ARGUMENTS = (
+    "q",
+    "k",
+    "v",
+    "key_mask",
+    "the key biases",
+    "the causal state",
+    "the projection",
+)
 
 
 def init_causal_state(
@@ -396,16 +426,20 @@ def init_causal_state(
     >>> st.numerator.shape, st.log_scale.shape
     ((2, 4, 32, 9), (2, 4))
     """
-    from ._backend import check_float, common_namespace, compute_dtype
+    from ._backend import check_float, common_namespace, compute_dtype, require
 
+    require(projection=projection)
     xp = common_namespace(projection=projection)
     check_float(xp, "projection", projection)
-    if projection.ndim != 2:
-        raise ValueError(f"projection must have shape (m, d); got shape {tuple(projection.shape)}")
+    if projection.ndim != 2 or projection.shape[0] < 1 or projection.shape[1] < 1:
+        raise ValueError(
+            "projection must have shape (m, d) with m >= 1 and d >= 1; "
+            f"got shape {tuple(projection.shape)}"
+        )
     if isinstance(value_dim, bool) or not isinstance(value_dim, numbers.Integral) or value_dim < 1:
         raise ValueError(f"value_dim must be a positive int; got {value_dim!r}")
     kern = resolve_kernel(kernel)
-    dt = compute_dtype(xp, projection) if dtype is None else dtype
+    dt = compute_dtype(xp, projection) if dtype is None else _check_state_dtype(xp, dtype)
     return _empty_state(
         xp,
         _check_batch_shape(batch_shape),
@@ -414,6 +448,20 @@ def init_causal_state(
         dt,
         device(projection),
     )
+
+
+def _check_state_dtype(xp: Namespace, dtype: Any) -> Any:
+    """``dtype`` if it is a real floating dtype of ``xp``, else a TypeError naming it."""
+    try:
+        ok = bool(xp.isdtype(dtype, "real floating"))
+    except Exception:  # not a dtype of this namespace at all
+        ok = False
+    if not ok:
+        raise TypeError(
+            "dtype must be a real floating dtype of the projection's namespace (float32 or "
+            f"float64: the inputs' compute dtype) or None; got {dtype!r}"
+        )
+    return dtype
 
 
 def _check_batch_shape(batch_shape: Any) -> tuple[int, ...]:
@@ -549,9 +597,13 @@ def _check_state(
             f"state must be a CausalState (numerator, log_scale); got {type(state).__name__}"
         )
     numerator, log_scale = state
-    from ._backend import common_namespace
+    from ._backend import check_float, common_namespace, require
 
-    common_namespace(q=q, **{"state.numerator": numerator, "state.log_scale": log_scale})
+    names = {"state.numerator": numerator, "state.log_scale": log_scale}
+    require(**names)
+    common_namespace(q=q, **names)
+    for name, x in names.items():
+        check_float(xp, name, x)
     num_features = kern.num_features(w.shape[0] if w is not None else q.shape[-1])
     expected = (num_features, v.shape[-1] + 1)
     if numerator.ndim < 2 or tuple(numerator.shape[-2:]) != expected:

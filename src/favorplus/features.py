@@ -95,6 +95,7 @@ def feature_parts(
     if not kernel.softmax:
         f = kernel.func if kernel.func is not None else _relu(xp)
         sign = f(u)
+        _check_kernel_output(kernel, u, sign)
         if row_constants:
             sign = sign / math.sqrt(num_rows)
         return FeatureParts(sign=sign, log=None)
@@ -118,6 +119,17 @@ def feature_parts(
     if row_constants:
         log = half_sq_norm - 0.5 * math.log(num_rows)
     return FeatureParts(sign=sign, log=log, shared=True)
+
+
+def _check_kernel_output(kernel: Kernel, u: Array, out: Array) -> None:
+    """A TypeError unless the kernel's callable returned an array shaped like its input."""
+    if tuple(getattr(out, "shape", ())) != tuple(u.shape) or not hasattr(out, "dtype"):
+        got = getattr(out, "shape", None)
+        raise TypeError(
+            f"kernel {kernel.name!r} must return an array of the shape of its input "
+            f"{tuple(u.shape)} (f applied elementwise); got "
+            f"{type(out).__name__}" + ("" if got is None else f" of shape {tuple(got)}")
+        )
 
 
 def _relu(xp: Namespace) -> Callable[[Array], Array]:
@@ -187,13 +199,15 @@ def feature_map(
     >>> bool(abs(est - exact) < 0.06)  # about 4 standard errors at m = 4096
     True
     """
+    from ._backend import require
     from ._validation import check_projection, check_scale
 
     kern = resolve_kernel(kernel)
+    require(x=x)
     xp = common_namespace(x=x, projection=projection)
     check_float(xp, "x", x)
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape (..., L, d); got shape {tuple(x.shape)}")
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape (..., L, d) with d >= 1; got shape {tuple(x.shape)}")
     check_projection(xp, projection, x.shape[-1], kern)
     sc = check_scale(scale, x.shape[-1])
     dtype = compute_dtype(xp, x)

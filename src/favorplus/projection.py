@@ -178,10 +178,16 @@ def draw_projection(
         raise ValueError(f"norms must be one of {_NORMS}; got {norms!r}")
     rng = host_generator(seed)
     if like is not None:
-        like_xp = array_api_compat.array_namespace(like)
+        like_xp = _like_namespace(like)
         xp = like_xp if xp is None else xp
         device = array_api_compat.device(like) if device is None else device
-        dtype = like.dtype if dtype is None else dtype
+        if dtype is None:
+            dtype = like.dtype
+            if not like_xp.isdtype(dtype, "real floating"):
+                raise TypeError(
+                    "like must have a real floating dtype (the projection takes its dtype), "
+                    f"or pass dtype=...; got like of dtype {dtype}"
+                )
 
     num_features, dim = int(num_features), int(dim)
     if kind == "iid":
@@ -201,4 +207,34 @@ def draw_projection(
         else:
             lengths = np.full(num_features, math.sqrt(dim))
         w = directions * lengths[:, None]
+    ns = _resolve_namespace(xp)
+    if dtype is not None and not _is_real_floating(ns, dtype):
+        raise TypeError(
+            "dtype must be a real floating dtype (float16, bfloat16, float32 or float64) "
+            f"of the result's namespace, or None; got {dtype!r}"
+        )
     return to_namespace(w, xp=xp, device=device, dtype=dtype)
+
+
+def _is_real_floating(ns: Namespace, dtype: Any) -> bool:
+    """True when ``dtype`` is a real floating dtype of ``ns`` (a NumPy dtype name included)."""
+    try:
+        if ns.isdtype(dtype, "real floating"):
+            return True
+    except Exception:  # a name or type rather than a dtype object, or not a dtype at all
+        pass
+    try:  # e.g. "float32" or np.float32 for NumPy
+        return bool(ns.isdtype(ns.empty(0, dtype=dtype).dtype, "real floating"))
+    except Exception:
+        return False
+
+
+def _like_namespace(like: Any) -> Namespace:
+    """The namespace of ``like``, or a TypeError naming ``like``."""
+    try:
+        return array_api_compat.array_namespace(like)
+    except TypeError:
+        raise TypeError(
+            "like must be an array (numpy, torch, jax, cupy, array-api-strict, ...) whose "
+            f"namespace, device and dtype the projection takes; got {type(like).__name__}"
+        ) from None

@@ -554,7 +554,11 @@ class FavorAttention(nn.Module):
 
     @torch.no_grad()
     def redraw_projection(self, seed: Seed = None) -> None:
-        """Draw a new projection into the buffer (in place: same dtype, device, identity).
+        """Draw a new projection and make it the ``projection`` buffer (same dtype and device).
+
+        The buffer is replaced by a new tensor, never changed in place: a backward pass
+        still pending for an earlier call keeps, and differentiates, the projection that
+        call used.
 
         Parameters
         ----------
@@ -569,7 +573,8 @@ class FavorAttention(nn.Module):
             norms=self.norms,  # type: ignore[arg-type]
             seed=rng,
         )
-        self.projection.copy_(torch.from_numpy(new))
+        old = self.projection
+        self.projection = torch.from_numpy(new).to(dtype=old.dtype, device=old.device)
 
     @torch.compiler.disable
     def _count_training_call(self) -> None:

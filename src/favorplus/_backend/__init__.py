@@ -35,6 +35,7 @@ from .jit import _JITTED, call_core
 from .namespaces import (
     _check_devices,
     _instance,
+    _refuse_numpy_subclass,
     _torch_namespace,
     common_namespace,
     device,
@@ -42,6 +43,7 @@ from .namespaces import (
     is_jax,
     is_numpy,
     is_torch,
+    require,
 )
 from .recompute import _keep, _never, recompute
 from .scan import chunk_scan, cumulative_max, split, unstack

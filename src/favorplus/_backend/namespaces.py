@@ -63,6 +63,7 @@ def common_namespace(**arrays: Array | None) -> Namespace:
         return _check_devices(_torch_namespace(), named)
     spaces: dict[str, Namespace] = {}
     for name, value in named.items():
+        _refuse_numpy_subclass(name, value)
         try:
             spaces[name] = array_api_compat.array_namespace(value)
         except TypeError:
@@ -77,6 +78,26 @@ def common_namespace(**arrays: Array | None) -> Namespace:
         )
         raise TypeError(f"all arrays must come from the same array library; got {parts}")
     return _check_devices(next(iter(spaces.values())), named)
+
+
+def _refuse_numpy_subclass(name: str, value: Any) -> None:
+    """A TypeError for NumPy array subclasses (np.matrix, np.ma.MaskedArray, ...): their
+    operators do not follow the array API (``*`` is a matrix product for np.matrix; a
+    masked array's mask would be silently ignored by the linear-time products)."""
+    if is_numpy(value) and type(value) is not sys.modules["numpy"].ndarray:
+        kind = f"{type(value).__module__}.{type(value).__name__}"
+        raise TypeError(
+            f"{name} must be a plain numpy.ndarray (or another library's array), not a NumPy "
+            f"subclass; got {kind}. Convert it with numpy.asarray(...); for a masked array, "
+            f"pass its data and use key_mask for the keys to leave out"
+        )
+
+
+def require(**arrays: Any) -> None:
+    """A TypeError naming each required array argument that is None."""
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name} must be an array; got None")
 
 
 def _check_devices(xp: Namespace, named: dict[str, Array]) -> Namespace:
