@@ -373,9 +373,7 @@ def causal_attention(
     pieces = (split(q, block, -2), split(k, block, -2), split(v, block, -2), masks, biases)
     for qb, kb, vb, mb, bb in zip(*pieces):
         if training:
-            out, state = recompute(
-                run_block, qb, kb, vb, mb, bb, state, w, names=_BLOCK_ARGUMENTS
-            )
+            out, state = recompute(run_block, qb, kb, vb, mb, bb, state, w, names=_BLOCK_ARGUMENTS)
         else:
             out, state = run_block(qb, kb, vb, mb, bb, state, w)
         outs.append(out)
