@@ -43,8 +43,7 @@ from ._backend import (
     stop_gradient,
     subtract,
 )
-from ._stabilize import NEG_INF, query_features
-from .attention import (
+from ._inputs import (
     _cast_inputs,
     _no_pairs,
     _parts,
@@ -53,6 +52,7 @@ from .attention import (
     safe_divide,
     to_batch,
 )
+from ._stabilize import NEG_INF, query_features
 from .features import FeatureParts, KernelLike, resolve_kernel
 
 __all__ = ["CausalState", "favor_attention_step", "init_causal_state"]

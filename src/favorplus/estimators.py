@@ -66,7 +66,7 @@ from ._backend import (
     stop_gradient,
     subtract,
 )
-from .features import FeatureParts, Kernel
+from .features import FeatureParts, Kernel, register_resolver
 
 __all__ = [
     "ESTIMATORS",
@@ -541,6 +541,12 @@ class EstimatorKernel(Kernel):
     def bind(self, a: Array) -> EstimatorKernel:
         return EstimatorKernel(self.name, True, saderf=self.saderf, a=a)
 
+    def one_side(
+        self, xp: Namespace, x: Array, role: str, scale: float, dtype: Any
+    ) -> tuple[Array, EstimatorKernel]:
+        """:func:`one_side` (for :func:`favorplus.feature_map`, which sees one side)."""
+        return one_side(xp, self, x, role, scale, dtype)
+
     def feature_parts(
         self, xp: Namespace, x: Array, projection: Array, scale: float, *, row_constants: bool
     ) -> FeatureParts:
@@ -781,3 +787,6 @@ def bound_pair(
     qb, kb, bound = bind(xp, kern, params, q, k, key_mask, scale, dtype)
     assert qb is not None and kb is not None
     return qb, kb, bound
+
+
+register_resolver(resolve_estimator)

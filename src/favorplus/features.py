@@ -34,13 +34,25 @@ class Kernel:
         return 2 * num_rows if self.name in ("softmax_hyperbolic", "softmax_trig") else num_rows
 
 
+# Resolvers of further kernels, tried first: favorplus.estimators registers OPRF and SADERF
+# here when it is imported (``import favorplus`` does), so that this module, below it in
+# the layers, never imports it.
+_RESOLVERS: list[Callable[[object], Kernel | None]] = []
+
+
+def register_resolver(resolver: Callable[[object], Kernel | None]) -> None:
+    """Let :func:`resolve_kernel` accept the kernels that ``resolver`` knows (it returns
+    None for the others)."""
+    if resolver not in _RESOLVERS:
+        _RESOLVERS.append(resolver)
+
+
 def resolve_kernel(kernel: KernelLike) -> Kernel:
     """Check and resolve the ``kernel`` argument."""
-    from .estimators import resolve_estimator
-
-    estimator = resolve_estimator(kernel)  # OPRF / SADERF names and objects
-    if estimator is not None:
-        return estimator
+    for resolver in _RESOLVERS:
+        found = resolver(kernel)  # e.g. OPRF / SADERF names and objects
+        if found is not None:
+            return found
     if callable(kernel):
         return Kernel(getattr(kernel, "__name__", "custom"), softmax=False, func=kernel)
     if isinstance(kernel, str) and kernel in KERNELS:
@@ -215,9 +227,8 @@ def feature_map(
     w = None if projection is None else xp.astype(projection, dtype, copy=False)
     if role not in ("query", "key"):
         raise ValueError(f"role must be 'query' or 'key'; got {role!r}")
-    if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: bind the parameters
-        from .estimators import one_side
-
-        xc, kern = one_side(xp, kern, xc, role, sc, dtype)
+    bind_one_side = getattr(kern, "one_side", None)  # OPRF / SADERF: bind the parameters
+    if bind_one_side is not None:
+        xc, kern = bind_one_side(xp, xc, role, sc, dtype)
     parts = feature_parts(xp, xc, w, kern, sc, row_constants=True)
     return xp.astype(assemble(xp, parts, xc), x.dtype, copy=False)

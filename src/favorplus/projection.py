@@ -15,6 +15,7 @@ import array_api_compat
 import numpy as np
 
 from ._backend import Array, Namespace
+from ._haar import haar_orthogonal as _haar_orthogonal
 
 __all__ = ["draw_projection", "to_namespace"]
 
@@ -37,20 +38,6 @@ def host_generator(seed: Any, name: str = "seed") -> np.random.Generator:
     if seed < 0:
         raise ValueError(f"{name} must be a non-negative int; got {seed}")
     return np.random.default_rng(int(seed))
-
-
-def _haar_orthogonal(rng: np.random.Generator, dim: int) -> np.ndarray:
-    """One Haar-distributed orthogonal ``dim x dim`` matrix.
-
-    A bare QR factorization of a Gaussian matrix is not Haar distributed (its
-    signs depend on the factorization's convention); multiplying each column of
-    Q by the sign of the matching diagonal entry of R makes it so (Mezzadri 2007).
-    """
-    g = rng.standard_normal((dim, dim))
-    q, r = np.linalg.qr(g)
-    signs = np.sign(np.diagonal(r))
-    signs[signs == 0] = 1.0
-    return q * signs[None, :]
 
 
 def _resolve_namespace(xp: Namespace | None) -> Namespace:

@@ -36,7 +36,7 @@ def simplex_directions(dim: int) -> np.ndarray:
 
 def simplex_blocks(rng: np.random.Generator, dim: int, count: int) -> list[np.ndarray]:
     """``count`` independent blocks of ``dim`` simplex directions, each Haar-rotated."""
-    from .projection import _haar_orthogonal
+    from ._haar import haar_orthogonal as _haar_orthogonal
 
     base = simplex_directions(dim)
     return [base @ _haar_orthogonal(rng, dim) for _ in range(count)]
