@@ -10,17 +10,33 @@ from .causal import CausalState, favor_attention_step, init_causal_state
 from .features import KERNELS, feature_map
 from .masks import MaskParts, split_mask
 from .projection import draw_projection
+from .summaries import (
+    KeySummary,
+    causal_summary,
+    exclusive_prefix,
+    key_summary,
+    merge_causal_states,
+    merge_summaries,
+    read_summary,
+)
 
 __all__ = [
     "KERNELS",
     "CausalState",
+    "KeySummary",
     "MaskParts",
+    "causal_summary",
     "draw_projection",
+    "exclusive_prefix",
     "favor_attention",
     "favor_attention_matrix",
     "favor_attention_step",
     "feature_map",
     "init_causal_state",
+    "key_summary",
+    "merge_causal_states",
+    "merge_summaries",
+    "read_summary",
     "softmax_attention",
     "split_mask",
 ]

@@ -53,6 +53,11 @@ def is_cupy(x: Any) -> bool:
     return _instance(x, "cupy", "ndarray")
 
 
+def is_dask(x: Any) -> bool:
+    """True for a dask array (lazy: its values are not on the host until computed)."""
+    return _instance(x, "dask.array", "Array")
+
+
 def is_numpy(x: Any) -> bool:
     """True for a NumPy array."""
     return _instance(x, "numpy", "ndarray")
@@ -452,7 +457,9 @@ def _torch_traced(x: Array) -> bool:
 def host_readable(x: Array) -> bool:
     """True for eager CPU arrays, whose values the host can read mid-computation at no
     cost (a check that picks a fast path); False on GPUs, in traced JAX programs, in
-    torch.compile graphs and inside torch.func transforms."""
+    torch.compile graphs, inside torch.func transforms and for (lazy) dask arrays."""
+    if is_dask(x):
+        return False
     return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_traced(x))
 
 

@@ -386,6 +386,8 @@ def favor_attention(
     dropout_p: float = 0.0,
     dropout_rng: Any = None,
     dropout_keep: Array | None = None,
+    axis_name: Any = None,
+    process_group: Any = None,
 ) -> Array:
     """FAVOR+ attention: an estimate of ``softmax(scale * q @ k.T) @ v`` in linear time.
 
@@ -445,6 +447,15 @@ def favor_attention(
         Instead of ``dropout_rng``: the keep mask drawn by the caller with its own
         framework's random numbers (as the torch and Flax layers do); True where a
         key is kept, scaled by ``1 / (1 - dropout_p)``.
+    axis_name : hashable, optional
+        Sequence parallelism in JAX: inside ``jax.shard_map`` with the sequence axis of
+        q, k, v (and of the key masks) sharded over this mesh axis (or tuple of axes),
+        in order, every shard computes its own queries' outputs, exchanging only the
+        key summaries (m x (dv + 1) numbers per row; see :mod:`favorplus.summaries`
+        and the user guide's "Distributed" page). Causal shards need Lq = Lk.
+    process_group : torch.distributed ProcessGroup, DeviceMesh or (DeviceMesh, dim), optional
+        The same for PyTorch: every rank of the group holds a contiguous piece of the
+        sequence, in rank order (lengths may differ between ranks).
 
     Returns
     -------
@@ -496,6 +507,10 @@ def favor_attention(
         prep.keep_scale,
     )
     arrays = (q, k, v, projection, prep.key_mask, prep.key_bias, prep.keep)
+    if axis_name is not None or process_group is not None:
+        from .summaries import sharded_call
+
+        return sharded_call(arrays, statics, axis_name, process_group)
     return call_core(_favor_core, arrays, statics)
 
 
