@@ -74,13 +74,13 @@ class TorchGroup(Collectives):
 
     def check_shapes(self, **shapes: tuple[int, ...]) -> None:
         """Every rank must hold the same shapes, but for the sequence axis (-2) of q,
-        k and v; else a ValueError on every rank (all see the same gathered shapes)."""
+        k and v (axis -1 of the key masks); else a ValueError on every rank (all see the same gathered shapes)."""
         import torch
         import torch.distributed as dist
 
         if torch.compiler.is_compiling():
             return
-        width = 10
+        width = 10  # the last 10 dimensions of each shape are compared
         rows = []
         for shape in shapes.values():
             shape = tuple(shape)
@@ -92,11 +92,11 @@ class TorchGroup(Collectives):
         names = list(shapes)
         table = [t.view(len(names), width + 1) for t in everyone]
         for i, name in enumerate(names):
-            seq_axis = name in ("q", "k", "v")
+            back = 2 if name in ("q", "k", "v") else 1 if name != "batch" else 0
             for r, t in enumerate(table):
                 a, b = table[0][i].tolist(), t[i].tolist()
-                if seq_axis and a[0] == b[0] and a[0] >= 2:
-                    a[a[0] - 1] = b[b[0] - 1] = -1  # the (local) sequence length may differ
+                if back and a[0] == b[0] and a[0] >= back:
+                    a[a[0] + 1 - back] = b[b[0] + 1 - back] = -1  # the sequence length
                 if a != b:
                     raise ValueError(
                         f"process_group: the ranks must hold {name} of the same shape but "

@@ -56,10 +56,10 @@ class KeySummary(NamedTuple):
     state : array, shape (..., M, dv + 1)
         ``sum_j exp(u_j - level) [v_j, 1]^T`` over the block's unmasked keys (the last
         column is the normaliser's state).
-    level : array, shape (..., 1, M) or (..., 1, 1)
-        The per-feature maximum of the keys' log-features (one value for all features
-        when the kernel's exponent is shared by a row); ``-inf`` where the block has no
-        unmasked key (its state is then 0).
+    level : array, shape (..., 1, M)
+        The per-feature maximum of the keys' log-features (the same for all features
+        when the kernel's exponent is shared by a row, 0 for kernels without one);
+        ``-inf`` where the block has no unmasked key (its state is then 0).
     """
 
     state: Array
@@ -99,7 +99,7 @@ def local_summary(
     mask = None if key_mask is None else key_mask[..., None]
     if kparts.log is None:
         kf = kparts.sign if mask is None else xp.where(mask, kparts.sign, 0.0)
-        level = xp.zeros((*batch, 1, 1), dtype=kf.dtype, device=_device(kf))
+        level = xp.zeros((*batch, 1, kf.shape[-1]), dtype=kf.dtype, device=_device(kf))
         if mask is not None:
             # A block without any key has level -inf, like the other kernels' blocks.
             anyk = xp.any(to_batch(xp, key_mask, batch, 1), axis=-1)[..., None, None]
@@ -110,7 +110,8 @@ def local_summary(
         kf = exp(xp, subtract(xp, masked, _finite(xp, level), owned=True), owned=True)
         if kparts.sign is not None:
             kf = kparts.sign * kf
-        level = to_batch(xp, level, batch, 2)
+        # Always (..., 1, M), so that every shard's summary has the same shape.
+        level = xp.broadcast_to(level, (*batch, 1, kf.shape[-1]))
     state = to_batch(xp, _key_state(xp, kf, vc), batch, 2)
     return KeySummary(state, level)
 
@@ -594,7 +595,10 @@ def sharded_core(
         gathered = CausalState(comm.gather(local.numerator), comm.gather(local.log_scale))
         prefix = merge_causal_stacked(xp, gathered, 0, upto=comm.index())
         if qc.shape[-2] == 0:
-            return xp.astype(to_batch(xp, vc, batch, 2), v.dtype, copy=False)
+            # No token here; the output still depends on the gathered states, so that
+            # every shard runs the gather's backward (a collective) too.
+            link = xp.sum(prefix.numerator) * 0.0
+            return xp.astype(to_batch(xp, vc, batch, 2) + link, v.dtype, copy=False)
         out, _ = causal_attention(
             xp, qc, kc, vc, w, key_mask, prefix, kern, scale, batch, chunk, key_bias=bias
         )
