@@ -78,9 +78,9 @@ for shape, spec in (((8,), (None, None, "s")), ((2, 4), ("b", None, "s"))):
             # gradients, softmax with the float mask
             km = masks["float"]
             f, args = sharded(mesh, spec, causal, "softmax", km)
-            g = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, args[3]))), (0, 1, 2))(
-                *args[:3]
-            )
+            g = jax.grad(
+                lambda q, k, v, f=f, m=args[3]: jnp.sum(jnp.sin(f(q, k, v, m))), (0, 1, 2)
+            )(*args[:3])
             gr = grefs[causal]
             res[f"grad-{shape}-{causal}"] = max(
                 float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(g, gr)

@@ -30,7 +30,7 @@ def main(rank: int, world: int, port: int, case: str, path: str) -> None:
     w = torch.tensor(fp.draw_projection(16, d, seed=0))
     cuts = np.linspace(0, L, world + 1).astype(int)
     if case == "uneven":
-        cuts = np.array([0, 5, 5, 20][:world] + [L]) if world > 2 else np.array([0, 3, L])
+        cuts = np.array([*[0, 5, 5, 20][:world], L]) if world > 2 else np.array([0, 3, L])
     lo, hi = int(cuts[rank]), int(cuts[rank + 1])
     results = {}
     for causal in (False, True):

@@ -76,5 +76,5 @@ def test_process_group_needs_initialized_distributed() -> None:
         pytest.skip("a process group is already initialized")
     x = torch.zeros((4, 8))
     w = torch.tensor(fp.draw_projection(8, 8, seed=0), dtype=torch.float32)
-    with pytest.raises(ValueError, match="needs torch.distributed to be initialized"):
+    with pytest.raises(ValueError, match=r"needs torch\.distributed to be initialized"):
         fp.favor_attention(x, x, x, w, process_group=object())

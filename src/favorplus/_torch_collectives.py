@@ -74,7 +74,8 @@ class TorchGroup(Collectives):
 
     def check_shapes(self, **shapes: tuple[int, ...]) -> None:
         """Every rank must hold the same shapes, but for the sequence axis (-2) of q,
-        k and v (axis -1 of the key masks); else a ValueError on every rank (all see the same gathered shapes)."""
+        k and v (axis -1 of the key masks); else a ValueError on every rank (all see
+        the same gathered shapes)."""
         import torch
         import torch.distributed as dist
 
