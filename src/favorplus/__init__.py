@@ -21,14 +21,25 @@ from .estimators import (
 from .features import KERNELS, feature_map
 from .masks import MaskParts, split_mask
 from .projection import draw_projection
+from .summaries import (
+    KeySummary,
+    causal_summary,
+    exclusive_prefix,
+    key_summary,
+    merge_causal_states,
+    merge_summaries,
+    read_summary,
+)
 
 __all__ = [
     "ESTIMATORS",
     "KERNELS",
     "OPRF",
     "SADERF",
+    "causal_summary",
     "CausalState",
     "draw_projection",
+    "exclusive_prefix",
     "fast_path",
     "favor_attention",
     "favor_attention_matrix",
@@ -38,9 +49,14 @@ __all__ = [
     "FeatureStatistics",
     "get_fast_path",
     "init_causal_state",
+    "key_summary",
+    "KeySummary",
     "MaskParts",
+    "merge_causal_states",
+    "merge_summaries",
     "oprf_second_moment",
     "optimal_a",
+    "read_summary",
     "saderf_psi",
     "set_fast_path",
     "softmax_attention",

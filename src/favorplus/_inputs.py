@@ -123,3 +123,19 @@ def block_length(
     """Tokens per CPU block for inputs like ``x`` (None: no blocking, see cpu_block)."""
     features = kern.num_features(w.shape[0] if w is not None else x.shape[-1])
     return cpu_block(x, max(1, math.prod(batch)) * features, multiple, training=training)
+
+
+def _key_state(xp: Namespace, kf: Array, v: Array) -> Array:
+    """``kf^T [v, 1]``, shape (..., M, dv + 1): the numerator and normaliser states."""
+    kv = xp.matmul(xp.matrix_transpose(kf), v)
+    ksum = xp.sum(kf, axis=-2)[..., None]
+    batch = kv.shape[:-2]
+    if ksum.shape[:-2] != batch:
+        ksum = xp.broadcast_to(ksum, (*batch, *ksum.shape[-2:]))
+    return xp.concat([kv, ksum], axis=-1)
+
+
+def _read_state(xp: Namespace, qf: Array, state: Array) -> Array:
+    """``D^-1 qf state``: outputs from query features and a key state."""
+    out = xp.matmul(qf, state)
+    return safe_divide(xp, out[..., :-1], out[..., -1:])

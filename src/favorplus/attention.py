@@ -23,8 +23,10 @@ from ._backend import (
 from ._fastpath import dispatch
 from ._inputs import (
     _cast_inputs,
+    _key_state,
     _no_pairs,
     _parts,
+    _read_state,
     block_length,
     nonfinite_prefix,
     safe_divide,
@@ -320,6 +322,8 @@ def favor_attention(
     dropout_p: float = 0.0,
     dropout_rng: Any = None,
     dropout_keep: Array | None = None,
+    axis_name: Any = None,
+    process_group: Any = None,
 ) -> Array:
     """FAVOR+ attention: an estimate of ``softmax(scale * q @ k.T) @ v`` in linear time.
 
@@ -379,6 +383,15 @@ def favor_attention(
         Instead of ``dropout_rng``: the keep mask drawn by the caller with its own
         framework's random numbers (as the torch and Flax layers do); True where a
         key is kept, scaled by ``1 / (1 - dropout_p)``.
+    axis_name : hashable, optional
+        Sequence parallelism in JAX: inside ``jax.shard_map`` with the sequence axis of
+        q, k, v (and of the key masks) sharded over this mesh axis (or tuple of axes),
+        in order, every shard computes its own queries' outputs, exchanging only the
+        key summaries (m x (dv + 1) numbers per row; see :mod:`favorplus.summaries`
+        and the user guide's "Distributed" page). Causal shards need Lq = Lk.
+    process_group : torch.distributed ProcessGroup, DeviceMesh or (DeviceMesh, dim), optional
+        The same for PyTorch: every rank of the group holds a contiguous piece of the
+        sequence, in rank order (lengths may differ between ranks).
 
     Returns
     -------
@@ -430,6 +443,15 @@ def favor_attention(
         prep.keep_scale,
     )
     arrays = (q, k, v, projection, prep.key_mask, prep.key_bias, prep.keep)
+    if axis_name is not None or process_group is not None:
+        if getattr(kern, "spec", None) is not None:
+            raise ValueError(
+                "axis_name / process_group (sharded sequences) support the FAVOR+ kernels; "
+                f"got the estimator {kern.name!r}, whose parameters would differ per shard"
+            )
+        from .sharded import sharded_call
+
+        return sharded_call(arrays, statics, axis_name, process_group)
     if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: favorplus.estimators
         from .estimators import LEAK, call_estimator
 
@@ -451,22 +473,6 @@ def favor_attention(
     if fused is not None:
         return fused  # the fused GPU kernels (see _fastpath.py)
     return call_core(_favor_core, arrays, statics)
-
-
-def _key_state(xp: Namespace, kf: Array, v: Array) -> Array:
-    """``kf^T [v, 1]``, shape (..., M, dv + 1): the numerator and normaliser states."""
-    kv = xp.matmul(xp.matrix_transpose(kf), v)
-    ksum = xp.sum(kf, axis=-2)[..., None]
-    batch = kv.shape[:-2]
-    if ksum.shape[:-2] != batch:
-        ksum = xp.broadcast_to(ksum, (*batch, *ksum.shape[-2:]))
-    return xp.concat([kv, ksum], axis=-1)
-
-
-def _read_state(xp: Namespace, qf: Array, state: Array) -> Array:
-    """``D^-1 qf state``: outputs from query features and a key state."""
-    out = xp.matmul(qf, state)
-    return safe_divide(xp, out[..., :-1], out[..., -1:])
 
 
 def _linear_attention(xp: Namespace, qf: Array, kf: Array, v: Array) -> Array:

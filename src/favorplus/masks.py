@@ -59,7 +59,9 @@ def _readable(x: Array) -> bool:
             return False
         active = getattr(torch._C, "_are_functorch_transforms_active", None)
         return not (active is not None and active())
-    return True
+    from ._backend import is_dask
+
+    return not is_dask(x)  # a dask array's values exist only once computed
 
 
 def to_host(x: Array) -> np.ndarray:

@@ -40,6 +40,7 @@ from .namespaces import (
     common_namespace,
     device,
     is_cupy,
+    is_dask,
     is_jax,
     is_numpy,
     is_torch,

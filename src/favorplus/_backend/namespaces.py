@@ -33,6 +33,11 @@ def is_cupy(x: Any) -> bool:
     return _instance(x, "cupy", "ndarray")
 
 
+def is_dask(x: Any) -> bool:
+    """True for a dask array (lazy: its values are not on the host until computed)."""
+    return _instance(x, "dask.array", "Array")
+
+
 def is_numpy(x: Any) -> bool:
     """True for a NumPy array."""
     return _instance(x, "numpy", "ndarray")

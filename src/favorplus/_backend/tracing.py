@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .namespaces import device, is_cupy, is_jax, is_torch
+from .namespaces import device, is_cupy, is_dask, is_jax, is_torch
 from .types import Array
 
 
@@ -73,5 +73,7 @@ def _torch_traced(x: Array) -> bool:
 def host_readable(x: Array) -> bool:
     """True for eager CPU arrays, whose values the host can read mid-computation at no
     cost (a check that picks a fast path); False on GPUs, in traced JAX programs, in
-    torch.compile graphs and inside torch.func transforms."""
+    torch.compile graphs, inside torch.func transforms and for (lazy) dask arrays."""
+    if is_dask(x):
+        return False
     return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_traced(x))

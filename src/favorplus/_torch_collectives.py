@@ -1,0 +1,111 @@
+"""torch.distributed collectives for sequence-parallel FAVOR+
+(``favor_attention(..., process_group=...)``).
+
+Each rank of the group holds a contiguous piece of the sequence, in rank order (shards
+may have different lengths, 0 included). One differentiable all-gather
+(``torch.distributed._functional_collectives.all_gather_tensor_autograd``, whose
+backward pass is a reduce-scatter) of each rank's key summary, m (dv + 1) numbers per
+row and rank whatever the length, then a merge of all of them (bidirectional) or of
+those of the earlier ranks (causal, LASP-2) on every rank. Before that, one small
+all-gather checks that the ranks agree on the shapes (skipped under torch.compile).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .summaries import Collectives
+
+__all__ = ["TorchGroup"]
+
+
+def _resolve(group: Any) -> Any:
+    """A ProcessGroup from a ProcessGroup, a 1-D DeviceMesh or (DeviceMesh, dim)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "process_group needs torch.distributed to be initialized "
+            "(torch.distributed.init_process_group); it is not"
+        )
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - old torch
+        DeviceMesh = ()
+    if isinstance(group, tuple) and len(group) == 2 and isinstance(group[0], DeviceMesh):
+        return group[0].get_group(group[1])
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"process_group as a DeviceMesh must be 1-D (or pass (mesh, dim) for the "
+                f"sequence dimension); got a {group.ndim}-D mesh"
+            )
+        return group.get_group()
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    raise TypeError(
+        f"process_group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh or "
+        f"(DeviceMesh, dim); got {type(group).__name__}"
+    )
+
+
+class TorchGroup(Collectives):
+    """The process group the sequence is sharded over (rank order = sequence order)."""
+
+    def __init__(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        self.group = _resolve(group)
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+
+    def index(self) -> int:
+        return self.rank
+
+    def gather(self, x: Any) -> Any:
+        import torch
+        from torch.distributed import _functional_collectives as funcol
+
+        out = funcol.all_gather_tensor_autograd(x.contiguous()[None], 0, self.group)
+        out = funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+        if not isinstance(out, torch.Tensor):  # pragma: no cover
+            out = torch.as_tensor(out)
+        return out
+
+    def check_shapes(self, **shapes: tuple[int, ...]) -> None:
+        """Every rank must hold the same shapes, but for the sequence axis (-2) of q,
+        k and v (axis -1 of the key masks); else a ValueError on every rank (all see
+        the same gathered shapes)."""
+        import torch
+        import torch.distributed as dist
+
+        if torch.compiler.is_compiling():
+            return
+        width = 10  # the last 10 dimensions of each shape are compared
+        rows = []
+        for shape in shapes.values():
+            shape = tuple(shape)
+            row = [len(shape), *shape[-width:]] + [0] * (width - min(width, len(shape)))
+            rows.extend(row)
+        mine = torch.tensor(rows, dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(everyone, mine, group=self.group)
+        names = list(shapes)
+        table = [t.view(len(names), width + 1) for t in everyone]
+        for i, name in enumerate(names):
+            back = 2 if name in ("q", "k", "v") else 1 if name != "batch" else 0
+            for r, t in enumerate(table):
+                a, b = table[0][i].tolist(), t[i].tolist()
+                if back and a[0] == b[0] and a[0] >= back:
+                    a[a[0] + 1 - back] = b[b[0] + 1 - back] = -1  # the sequence length
+                if a != b:
+                    raise ValueError(
+                        f"process_group: the ranks must hold {name} of the same shape but "
+                        f"for the sequence axis; rank 0 has {_shape(table[0][i])}, rank "
+                        f"{r} has {_shape(t[i])}"
+                    )
+
+
+def _shape(row: Any) -> tuple[int, ...]:
+    values = row.tolist()
+    return tuple(values[1 : 1 + values[0]])

@@ -1,0 +1,114 @@
+"""Run by tests/test_distributed_jax.py in a fresh process: 8 simulated CPU devices
+(XLA_FLAGS must be set before jax is imported). Prints one JSON line of results."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import favorplus as fp
+
+jax.config.update("jax_enable_x64", True)
+rng = np.random.default_rng(0)
+B, H, L, D = 2, 2, 64, 8
+q0, k0, v0 = (jnp.asarray(rng.standard_normal((B, H, L, D)) * 0.7) for _ in range(3))
+w = jnp.asarray(fp.draw_projection(16, D, seed=0))
+mask = np.ones((B, 1, L), dtype=bool)
+mask[0, :, 8:40] = False  # whole shards of 8 tokens without any key (8 devices)
+mask[1, :, 3] = False
+bias = np.where(rng.random((B, 1, L)) < 0.2, -np.inf, rng.standard_normal((B, 1, L)))
+masks = {
+    "none": jnp.ones((B, 1, L), dtype=bool),
+    "bool": jnp.asarray(mask),
+    "float": jnp.asarray(bias),
+}
+res: dict[str, float] = {}
+# single-device references, computed outside any mesh
+refs = {
+    (c, kern, m): np.asarray(fp.favor_attention(q0, k0, v0, w, causal=c, kernel=kern, key_mask=km))
+    for c in (False, True)
+    for kern in ("softmax", "softmax_hyperbolic", "relu")
+    for m, km in masks.items()
+}
+grefs = {
+    c: jax.grad(
+        lambda q, k, v, c=c: jnp.sum(
+            jnp.sin(fp.favor_attention(q, k, v, w, causal=c, key_mask=masks["float"]))
+        ),
+        (0, 1, 2),
+    )(q0, k0, v0)
+    for c in (False, True)
+}
+
+
+def sharded(mesh, spec, causal, kernel, km):
+    seq = P(*spec, None)
+    mspec = P(spec[0], None, spec[2])
+
+    def body(q, k, v, m):
+        return fp.favor_attention(
+            q, k, v, w, causal=causal, kernel=kernel, key_mask=m, axis_name=spec[2]
+        )
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, mspec), out_specs=seq)
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    return jax.jit(f), (put(q0, seq), put(k0, seq), put(v0, seq), put(km, mspec))
+
+
+for shape, spec in (((8,), (None, None, "s")), ((2, 4), ("b", None, "s"))):
+    names = ("s",) if len(shape) == 1 else ("b", "s")
+    mesh = jax.make_mesh(shape, names)
+    with jax.set_mesh(mesh):
+        for causal in (False, True):
+            for kernel in ("softmax", "softmax_hyperbolic", "relu"):
+                for mname, km in masks.items():
+                    f, args = sharded(mesh, spec, causal, kernel, km)
+                    out = f(*args)
+                    ref = refs[(causal, kernel, mname)]
+                    key = f"{shape}-{causal}-{kernel}-{mname}"
+                    res[key] = float(jnp.max(jnp.abs(np.asarray(out) - ref)))
+            # gradients, softmax with the float mask
+            km = masks["float"]
+            f, args = sharded(mesh, spec, causal, "softmax", km)
+            g = jax.grad(
+                lambda q, k, v, f=f, m=args[3]: jnp.sum(jnp.sin(f(q, k, v, m))), (0, 1, 2)
+            )(*args[:3])
+            gr = grefs[causal]
+            res[f"grad-{shape}-{causal}"] = max(
+                float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(g, gr)
+            )
+        # leak-freedom: shards 0..4 of 8 bit for bit unchanged whatever shards 5..7 hold
+        if shape == (8,):
+            km = masks["none"]
+            f, args = sharded(mesh, spec, True, "softmax", km)
+            base = np.asarray(f(*args))
+            worst = 0
+            for bad in (np.inf, np.nan, 1e30, -1e30):
+                k2, v2 = np.asarray(k0).copy(), np.asarray(v0).copy()
+                k2[..., 40:, :] = bad
+                v2[..., 40:, :] = bad
+                seq = P(None, None, "s")
+                a2 = (
+                    args[0],
+                    jax.device_put(jnp.asarray(k2), NamedSharding(mesh, seq)),
+                    jax.device_put(jnp.asarray(v2), NamedSharding(mesh, seq)),
+                    args[3],
+                )
+                out2 = np.asarray(f(*a2))
+                worst += int(np.sum(out2[..., :40, :] != base[..., :40, :]))
+            res["leaked_bits"] = worst
+
+try:
+    fp.favor_attention(q0, k0, v0, w, axis_name="nowhere")
+    res["unbound"] = "no error"
+except ValueError as e:
+    res["unbound"] = str(e)
+print(json.dumps(res))
