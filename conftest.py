@@ -25,3 +25,6 @@ collect_ignore = [
 # The fused GPU kernels need triton and torch (the `gpu` extra).
 if any(importlib.util.find_spec(needs) is None for needs in ("triton", "torch")):
     collect_ignore.append("src/favorplus/_triton")
+# Helper scripts that the distributed tests run in their own processes (they import
+# their framework at the top): not test modules, and no doctests.
+collect_ignore_glob = ["tests/_dist_*.py"]
