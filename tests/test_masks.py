@@ -148,6 +148,21 @@ def test_causal_with_fewer_queries_than_keys(xp, lq):
     np.testing.assert_allclose(xp.numpy(out), full[..., -lq:, :], rtol=1e-9, atol=1e-12)
 
 
+def test_fewer_queries_non_finite_values_stay_in_their_rows(xp):
+    """Exact causal attention with Lq < Lk: a later inf / NaN value reaches the rows at
+    or after its position only, aligned bottom-right (the last rows of the full call)."""
+    rng = np.random.default_rng(17)
+    q, k, v = (rng.standard_normal((2, 12, 4)) for _ in range(3))
+    v[:, 3, 0] = np.inf
+    v[:, 8, 1] = np.nan
+    a = [xp.asarray(x) for x in (q, k, v)]
+    full = ref.exact_attention(q, k, v, causal=True)
+    for lq in (1, 5, 11):
+        tail = xp.numpy(fp.softmax_attention(xp.asarray(q[:, -lq:]), *a[1:], causal=True))
+        np.testing.assert_array_equal(np.isnan(tail), np.isnan(full[:, -lq:]))
+        np.testing.assert_allclose(tail, full[:, -lq:], rtol=1e-9, equal_nan=True)
+
+
 def test_more_queries_than_keys_causal_is_an_error(xp):
     q = xp.asarray(np.zeros((6, 4)))
     k = xp.asarray(np.zeros((5, 4)))

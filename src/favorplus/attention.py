@@ -661,6 +661,7 @@ def _softmax_core(
         num = xp.matmul(weights, vc)
     else:  # later inf / NaN values reach later rows only (see nonfinite_prefix)
         finite, extra = split_values
-        num = xp.matmul(weights, finite) + extra
+        # Query i is key position i + Lk - Lq (bottom-right): its row of the prefix.
+        num = xp.matmul(weights, finite) + extra[..., extra.shape[-2] - weights.shape[-2] :, :]
     out = safe_divide(xp, num, den)
     return xp.astype(out, v.dtype, copy=False)
