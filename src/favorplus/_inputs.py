@@ -139,3 +139,26 @@ def _read_state(xp: Namespace, qf: Array, state: Array) -> Array:
     """``D^-1 qf state``: outputs from query features and a key state."""
     out = xp.matmul(qf, state)
     return safe_divide(xp, out[..., :-1], out[..., -1:])
+
+
+def core_inputs(
+    xp: Namespace,
+    dtype: Any,
+    q: Array,
+    k: Array,
+    v: Array,
+    projection: Array | None,
+    key_mask: Array | None,
+    key_bias: Array | None = None,
+    keep: Array | None = None,
+    keep_scale: float = 1.0,
+) -> tuple[Array, Array, Array, Array | None, Array | None]:
+    """What every attention core starts from: q, k, v and the projection in the compute
+    dtype with masked keys zeroed (:func:`_cast_inputs`), the key biases in the compute
+    dtype, and the dropout keep mask applied to the values (dropped keys leave the
+    numerator only, by a select: nothing of them leaks)."""
+    qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
+    bias = None if key_bias is None else xp.astype(key_bias, dtype, copy=False)
+    if keep is not None:
+        vc = xp.where(keep[..., None], vc * keep_scale, 0.0)
+    return qc, kc, vc, w, bias

@@ -28,6 +28,7 @@ from ._inputs import (
     _parts,
     _read_state,
     block_length,
+    core_inputs,
     nonfinite_prefix,
     safe_divide,
     to_batch,
@@ -58,11 +59,9 @@ def _favor_core(
     batch: tuple[int, ...],
     keep_scale: float = 1.0,
 ) -> Array:
-    qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
-    bias = None if key_bias is None else xp.astype(key_bias, dtype, copy=False)
-    if keep is not None:
-        # Dropped keys leave the numerator only (a select: nothing of them leaks).
-        vc = xp.where(keep[..., None], vc * keep_scale, 0.0)
+    qc, kc, vc, w, bias = core_inputs(
+        xp, dtype, q, k, v, projection, key_mask, key_bias, keep, keep_scale
+    )
     if qc.shape[-2] == 0 or kc.shape[-2] == 0:
         return xp.astype(_no_pairs(xp, qc, kc, vc, batch), v.dtype, copy=False)
     if causal:

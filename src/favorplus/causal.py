@@ -44,10 +44,10 @@ from ._backend import (
     subtract,
 )
 from ._inputs import (
-    _cast_inputs,
     _no_pairs,
     _parts,
     block_length,
+    core_inputs,
     nonfinite_prefix,
     safe_divide,
     to_batch,
@@ -579,8 +579,7 @@ def _step_core(
     chunk: int | None,
     batch: tuple[int, ...],
 ) -> tuple[Array, CausalState]:
-    qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
-    bias = None if key_bias is None else xp.astype(key_bias, dtype, copy=False)
+    qc, kc, vc, w, bias = core_inputs(xp, dtype, q, k, v, projection, key_mask, key_bias)
     out, new_state = causal_attention(
         xp, qc, kc, vc, w, key_mask, state, kern, scale, batch, chunk, key_bias=bias
     )

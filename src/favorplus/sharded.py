@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._backend import Array, Namespace
-from ._inputs import _cast_inputs, to_batch
+from ._inputs import core_inputs, to_batch
 from .causal import CausalState
 from .features import Kernel
 from .summaries import (
@@ -43,10 +43,9 @@ def sharded_core(
     summaries of the shards before it (an all-gather and an exclusive prefix merge)."""
     from .causal import causal_attention
 
-    qc, kc, vc, w = _cast_inputs(xp, dtype, q, k, v, projection, key_mask)
-    bias = None if key_bias is None else xp.astype(key_bias, dtype, copy=False)
-    if keep is not None:
-        vc = xp.where(keep[..., None], vc * keep_scale, 0.0)
+    qc, kc, vc, w, bias = core_inputs(
+        xp, dtype, q, k, v, projection, key_mask, key_bias, keep, keep_scale
+    )
     if causal:
         local = local_causal_summary(xp, kc, vc, w, key_mask, bias, kern, scale, batch)
         gathered = CausalState(comm.gather(local.numerator), comm.gather(local.log_scale))
