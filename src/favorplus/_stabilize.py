@@ -12,10 +12,31 @@
 
 from __future__ import annotations
 
-from ._backend import Array, Namespace, add, exp, stop_gradient, subtract
+from ._backend import Array, Namespace, add, exp, host_readable, stop_gradient, subtract
 from .features import FeatureParts
 
 NEG_INF = float("-inf")
+
+
+def below(xp: Namespace, x: Array, top: Array, *, owned: bool) -> Array:
+    """``x - top`` for a ``top`` that no element of ``x`` exceeds: never above 0, and
+    exactly 0 where ``x`` reaches ``top``, whatever a compiler does.
+
+    The stabilizers rely on the largest exponent being exactly 0 (a feature exactly 1).
+    In a traced program that is not guaranteed: XLA copies the producer of ``x`` (the
+    projection) into every consuming fusion, and the compiler may contract
+    ``u * w - top`` into one fused multiply-add, which skips the rounding of ``u * w``
+    that the maximum saw. At ``|u * w|`` near 1e19 the difference is about 1e11, and
+    the feature that should be 1 becomes ``exp(1e11) = inf``. Where ``x >= top`` (the
+    elements that reach the maximum), the result is pinned to 0 with ``arg - arg``
+    (same value, the gradient of ``arg`` kept). Eager arrays, whose operations run one
+    at a time, take the plain subtraction.
+    """
+    if host_readable(x):
+        return subtract(xp, x, top, owned=owned)
+    reach = x >= top  # before the subtraction, which may run in place on x
+    arg = subtract(xp, x, top, owned=owned)
+    return xp.where(reach, arg - stop_gradient(arg), arg)
 
 
 def query_features(xp: Namespace, parts: FeatureParts, shift: Array | None = None) -> Array:
@@ -35,7 +56,7 @@ def query_features(xp: Namespace, parts: FeatureParts, shift: Array | None = Non
         assert parts.sign is not None
         return parts.sign
     top = xp.max(stop_gradient(log), axis=-1, keepdims=True)
-    values = exp(xp, subtract(xp, log, top, owned=owned), owned=True)
+    values = exp(xp, below(xp, log, top, owned=owned), owned=True)
     return values if parts.sign is None else parts.sign * values
 
 
@@ -53,7 +74,7 @@ def bidirectional_features(
         masked = lk if mask is None else xp.where(mask, lk, NEG_INF)
         top = xp.max(stop_gradient(masked), axis=-2, keepdims=True)
         top = xp.where(xp.isfinite(top), top, 0.0)
-        kf = exp(xp, subtract(xp, masked, top, owned=True), owned=True)
+        kf = exp(xp, below(xp, masked, top, owned=True), owned=True)
         if kparts.sign is not None:
             kf = kparts.sign * kf
         # A per-feature constant goes back on the query side; a shared one cancels.

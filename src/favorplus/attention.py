@@ -18,7 +18,6 @@ from ._backend import (
     on_accelerator,
     split,
     stop_gradient,
-    subtract,
 )
 from ._fastpath import dispatch
 from ._inputs import (
@@ -33,7 +32,7 @@ from ._inputs import (
     safe_divide,
     to_batch,
 )
-from ._stabilize import NEG_INF, bidirectional_features, query_features
+from ._stabilize import NEG_INF, below, bidirectional_features, query_features
 from ._validation import Checked, check_attention_inputs, check_flag
 from .features import Kernel, KernelLike, feature_parts, resolve_kernel
 from .masks import resolve_masks, with_key_bias
@@ -167,7 +166,7 @@ def _blocked_attention(
                 old = xp.where(xp.isfinite(top), top, 0.0)
                 factor = xp.where(xp.isfinite(top), xp.exp(old - safe), 0.0)
             top = new
-            kf = exp(xp, subtract(xp, masked, safe, owned=True), owned=True)
+            kf = exp(xp, below(xp, masked, safe, owned=True), owned=True)
             if kparts.sign is not None:
                 kf = kparts.sign * kf
         part = _key_state(xp, kf, vb)

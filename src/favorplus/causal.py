@@ -41,7 +41,6 @@ from ._backend import (
     recompute,
     split,
     stop_gradient,
-    subtract,
 )
 from ._inputs import (
     _no_pairs,
@@ -52,7 +51,7 @@ from ._inputs import (
     safe_divide,
     to_batch,
 )
-from ._stabilize import NEG_INF, query_features
+from ._stabilize import NEG_INF, below, query_features
 from .features import FeatureParts, KernelLike, resolve_kernel
 
 __all__ = ["CausalState", "favor_attention_step", "init_causal_state"]
@@ -221,7 +220,7 @@ def _causal_core(
     after = prefix[..., 1:]
     flat = _is_flat(xp, c, before)
 
-    arg = subtract(xp, lc, c[..., None], owned=True)
+    arg = below(xp, lc, c[..., None], owned=True)
     if mc is not None:
         arg = xp.where(mc[..., None], arg, NEG_INF)
     kh = exp(xp, arg, owned=True)

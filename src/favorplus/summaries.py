@@ -29,9 +29,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ._backend import Array, Namespace, broadcast_shapes, common_namespace, exp, subtract
+from ._backend import Array, Namespace, broadcast_shapes, common_namespace, exp
 from ._inputs import _cast_inputs, _key_state, _read_state, to_batch
-from ._stabilize import NEG_INF, query_features
+from ._stabilize import NEG_INF, below, query_features
 from ._validation import check_attention_inputs
 from .causal import CausalState, _floor, _level
 from .features import Kernel, KernelLike, feature_parts, resolve_kernel
@@ -107,7 +107,7 @@ def local_summary(
     else:
         masked = kparts.log if mask is None else xp.where(mask, kparts.log, NEG_INF)
         level = xp.max(_stop(masked), axis=-2, keepdims=True)
-        kf = exp(xp, subtract(xp, masked, _finite(xp, level), owned=True), owned=True)
+        kf = exp(xp, below(xp, masked, _finite(xp, level), owned=True), owned=True)
         if kparts.sign is not None:
             kf = kparts.sign * kf
         # Always (..., 1, M), so that every shard's summary has the same shape.
@@ -201,7 +201,7 @@ def local_causal_summary(
         top = xp.max(xp.max(_stop(masked), axis=-1), axis=-1)  # (...)
         c = xp.where(xp.isfinite(top), xp.maximum(_level(xp, top), floor), floor)
         c = to_batch(xp, c, batch, 0)
-        kf = exp(xp, subtract(xp, masked, c[..., None, None], owned=True), owned=True)
+        kf = exp(xp, below(xp, masked, c[..., None, None], owned=True), owned=True)
         if kparts.sign is not None:
             kf = kparts.sign * kf
     state = to_batch(xp, _key_state(xp, kf, vc), batch, 2)
