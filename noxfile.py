@@ -26,7 +26,8 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 BACKENDS = {
     # favorplus.sklearn's tests run on numpy, strict, torch and cupy; SCIPY_ARRAY_API=1 lets
     # scikit-learn dispatch to the array API (sklearn.set_config(array_api_dispatch=True)).
-    "numpy": ("test,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    # tests/test_dask.py (favorplus on dask arrays) runs in the numpy session.
+    "numpy": ("test,sklearn,dask", {"SCIPY_ARRAY_API": "1"}),
     "strict": ("test,strict,sklearn", {"SCIPY_ARRAY_API": "1"}),
     "torch": ("test,torch,transformers,sklearn", {"SCIPY_ARRAY_API": "1"}),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short.
