@@ -97,6 +97,8 @@ SCRIPT_BENCHES = {
     "generate": "benchmarks/generate.py",
     "sklearn_kernels": "benchmarks/sklearn_kernels.py",
     "estimators": "benchmarks/estimators.py",
+    "dask_million": "benchmarks/dask_million.py",
+    "distributed": "benchmarks/distributed.py",
 }
 
 
@@ -113,7 +115,7 @@ def bench(session: nox.Session) -> None:
     session.install(
         *CONSTRAINTS,
         "-e",
-        ".[torch,jax,strict,transformers,sklearn]",
+        ".[torch,jax,strict,transformers,sklearn,dask]",
         "performer-pytorch",
         "psutil",
         "matplotlib",
