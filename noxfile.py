@@ -26,7 +26,8 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 BACKENDS = {
     # favorplus.sklearn's tests run on numpy, strict, torch and cupy; SCIPY_ARRAY_API=1 lets
     # scikit-learn dispatch to the array API (sklearn.set_config(array_api_dispatch=True)).
-    "numpy": ("test,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    # tests/test_dask.py (favorplus on dask arrays) runs in the numpy session.
+    "numpy": ("test,sklearn,dask", {"SCIPY_ARRAY_API": "1"}),
     "strict": ("test,strict,sklearn", {"SCIPY_ARRAY_API": "1"}),
     "torch": ("test,torch,transformers,sklearn", {"SCIPY_ARRAY_API": "1"}),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short.
@@ -96,6 +97,8 @@ SCRIPT_BENCHES = {
     "generate": "benchmarks/generate.py",
     "sklearn_kernels": "benchmarks/sklearn_kernels.py",
     "estimators": "benchmarks/estimators.py",
+    "dask_million": "benchmarks/dask_million.py",
+    "distributed": "benchmarks/distributed.py",
 }
 
 
@@ -112,7 +115,7 @@ def bench(session: nox.Session) -> None:
     session.install(
         *CONSTRAINTS,
         "-e",
-        ".[torch,jax,strict,transformers,sklearn]",
+        ".[torch,jax,strict,transformers,sklearn,dask]",
         "performer-pytorch",
         "psutil",
         "matplotlib",

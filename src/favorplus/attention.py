@@ -15,6 +15,7 @@ from ._backend import (
     device,
     exp,
     host_readable,
+    is_dask,
     on_accelerator,
     split,
     stop_gradient,
@@ -262,6 +263,16 @@ def prepare(
     )
 
 
+def check_dropout_p(p: Any) -> float:
+    """``dropout_p`` as a float in [0, 1), else a TypeError / ValueError naming it."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1); got {type(p).__name__}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {p!r}")
+    return p
+
+
 def _dropout_keep(
     xp: Namespace,
     like: Array,
@@ -272,11 +283,7 @@ def _dropout_keep(
     k_len: int,
 ) -> Array | None:
     """Per-key numerator weights, 0 for dropped keys and 1 / (1 - p) for kept ones."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1); got {type(p).__name__}")
-    p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {p!r}")
+    p = check_dropout_p(p)
     if keep is None:
         if p == 0.0:
             return None
@@ -391,6 +398,11 @@ def favor_attention(
         The same for PyTorch: every rank of the group holds a contiguous piece of the
         sequence, in rank order (lengths may differ between ranks).
 
+    Dask arrays (q, k, v chunked along the sequence, any chunks; NumPy projection and
+    masks beside them are fine) give a lazy dask array with q's chunks: nothing is
+    computed during the call, and each task works on one chunk and a summary of
+    m x (dv + 1) numbers per row (see the user guide's "Distributed" page).
+
     Returns
     -------
     array, shape (..., Lq, dv)
@@ -425,6 +437,19 @@ def favor_attention(
     from .causal import check_chunk_size
 
     kern = resolve_kernel(kernel)
+    if any(is_dask(x) for x in (q, k, v)):
+        if axis_name is not None or process_group is not None:
+            raise ValueError(
+                "axis_name / process_group are for JAX arrays and torch tensors; dask arrays "
+                "are already split along the sequence by their chunks: pass neither"
+            )
+        from ._dask import dask_attention
+
+        return dask_attention(
+            q, k, v, projection, kern=kern, causal=causal, key_mask=key_mask,
+            attn_mask=attn_mask, scale=scale, chunk_size=chunk_size, dropout_p=dropout_p,
+            dropout_rng=dropout_rng, dropout_keep=dropout_keep,
+        )  # fmt: skip
     prep = prepare(
         q, k, v, key_mask, attn_mask, scale, projection=projection, kernel=kern,
         causal=causal, dropout_p=dropout_p, dropout_rng=dropout_rng, dropout_keep=dropout_keep,
