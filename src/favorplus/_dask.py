@@ -261,7 +261,7 @@ def dask_attention(
     """
     import dask.array as da
 
-    from .attention import check_dropout_p, prepare
+    from ._prepare import check_dropout_p, prepare
     from .causal import check_chunk_size
 
     if getattr(kern, "spec", None) is not None:

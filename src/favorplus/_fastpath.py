@@ -126,7 +126,7 @@ def dispatch(
 ) -> Array | None:
     """The fused result of a ``favor_attention`` call, or None: then the array API path runs.
 
-    ``prep`` is the call's checked inputs (``attention.Prepared``), ``chunk`` its
+    ``prep`` is the call's checked inputs (``_prepare.Prepared``), ``chunk`` its
     ``chunk_size`` (or None); ``reference(q, k, v,
     projection, key_mask, key_bias)`` computes the same call on the array API path (the
     backward recomputes through it).
