@@ -280,16 +280,18 @@ def favor_attention(
         The same for PyTorch: every rank of the group holds a contiguous piece of the
         sequence, in rank order (lengths may differ between ranks).
 
-    Dask arrays (q, k, v chunked along the sequence, any chunks; NumPy projection and
-    masks beside them are fine) give a lazy dask array with q's chunks: nothing is
-    computed during the call, and each task works on one chunk and a summary of
-    m x (dv + 1) numbers per row (see the user guide's "Distributed" page).
-
     Returns
     -------
     array, shape (..., Lq, dv)
         In v's namespace, device and dtype. float16 and bfloat16 inputs are
         computed in float32; float64 stays float64.
+
+    Notes
+    -----
+    Dask arrays (q, k, v chunked along the sequence, any chunks; NumPy projection and
+    masks beside them are fine) give a lazy dask array with q's chunks: nothing is
+    computed during the call, and each task works on one chunk and a summary of
+    m x (dv + 1) numbers per row (see the user guide's "Distributed" page).
 
     Examples
     --------
