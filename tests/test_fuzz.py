@@ -345,6 +345,12 @@ def _catalogue(xp):
             TypeError,
             "chunk_size",
         ),
+        # the shard summaries and states of the distributed primitives
+        (lambda: fp.read_summary(None, fp.key_summary(q, q, w), w), TypeError, "q"),
+        (lambda: fp.merge_summaries(fp.KeySummary(None, q)), TypeError, "state"),
+        (lambda: fp.merge_summaries(fp.KeySummary(q, [1.0])), TypeError, "level"),
+        (lambda: fp.merge_causal_states(fp.CausalState(None, q)), TypeError, "numerator"),
+        (lambda: fp.merge_causal_states(state, fp.CausalState(q, None)), TypeError, "log_scale"),
     ]
     for bad in ("int32", "bool", "complex128", "int64", "uint8"):
         if hasattr(ns, bad):

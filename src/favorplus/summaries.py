@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ._backend import Array, Namespace, broadcast_shapes, common_namespace, exp
+from ._backend import Array, Namespace, broadcast_shapes, common_namespace, exp, require
 from ._inputs import _cast_inputs, _key_state, _read_state, to_batch
 from ._stabilize import NEG_INF, below, query_features
 from ._validation import check_attention_inputs
@@ -346,6 +346,8 @@ def _as_summary(s: Any, i: int) -> KeySummary:
             f"summaries[{i}] must be a KeySummary (state, level); got {type(s).__name__}"
         )
     state, level = s
+    require(**{f"summaries[{i}].state": state, f"summaries[{i}].level": level})
+    common_namespace(**{f"summaries[{i}].state": state, f"summaries[{i}].level": level})
     if state.ndim < 2 or level.ndim != state.ndim or level.shape[-2] != 1:
         raise ValueError(
             f"summaries[{i}] must hold state (..., M, dv + 1) and level (..., 1, M); got "
@@ -393,6 +395,7 @@ def read_summary(
     True
     """
     kern = resolve_kernel(kernel)
+    require(q=q)
     summary = _as_summary(summary, 0)
     xp = common_namespace(q=q, **{"summary.state": summary.state})
     dv = summary.state.shape[-1] - 1
@@ -465,6 +468,8 @@ def _as_state(s: Any, i: int) -> CausalState:
             f"states[{i}] must be a CausalState (numerator, log_scale); got {type(s).__name__}"
         )
     num, lev = s
+    require(**{f"states[{i}].numerator": num, f"states[{i}].log_scale": lev})
+    common_namespace(**{f"states[{i}].numerator": num, f"states[{i}].log_scale": lev})
     if num.ndim < 2 or tuple(lev.shape) != tuple(num.shape[:-2]):
         raise ValueError(
             f"states[{i}] must hold numerator (..., M, dv + 1) and log_scale (...); got "
