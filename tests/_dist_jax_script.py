@@ -68,7 +68,9 @@ for shape, spec in (((8,), (None, None, "s")), ((2, 4), ("b", None, "s"))):
     mesh = jax.make_mesh(shape, names)
     with jax.set_mesh(mesh):
         for causal in (False, True):
-            for kernel in ("softmax", "softmax_hyperbolic", "relu"):
+            # every kernel on the (8,) mesh; softmax on (2, 4) (each case compiles)
+            kernels = ("softmax", "softmax_hyperbolic", "relu") if shape == (8,) else ("softmax",)
+            for kernel in kernels:
                 for mname, km in masks.items():
                     f, args = sharded(mesh, spec, causal, kernel, km)
                     out = f(*args)
@@ -105,6 +107,86 @@ for shape, spec in (((8,), (None, None, "s")), ((2, 4), ("b", None, "s"))):
                 out2 = np.asarray(f(*a2))
                 worst += int(np.sum(out2[..., :40, :] != base[..., :40, :]))
             res["leaked_bits"] = worst
+
+# Other mesh shapes and shard counts: 2 shards on a (2, 2) mesh of 4 devices (batch over
+# the other axis), and 8 shards over a tuple of two mesh axes (2, 4); bidirectional and
+# causal, the bool mask (it empties whole shards of 8 tokens).
+for shape, names, axis in (((2, 2), ("b", "s"), "s"), ((2, 4), ("a", "c"), ("a", "c"))):
+    mesh = jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
+    with jax.set_mesh(mesh):
+        bspec = "b" if "b" in names else None
+        seq, mspec = P(bspec, None, axis, None), P(bspec, None, axis)
+        put = lambda x, s, mesh=mesh: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+        for causal in (False, True):
+
+            def body(q, k, v, m, causal=causal, axis=axis):
+                return fp.favor_attention(q, k, v, w, causal=causal, key_mask=m, axis_name=axis)
+
+            f = jax.jit(
+                jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, mspec), out_specs=seq)
+            )
+            args = (put(q0, seq), put(k0, seq), put(v0, seq), put(masks["bool"], mspec))
+            out = f(*args)
+            ref = refs[(causal, "softmax", "bool")]
+            res[f"mesh-{shape}-{causal}"] = float(jnp.max(jnp.abs(np.asarray(out) - ref)))
+            if axis == ("a", "c"):
+                g = jax.grad(
+                    lambda q, k, v, f=f, m=args[3]: jnp.sum(jnp.sin(f(q, k, v, m))), (0, 1, 2)
+                )(*args[:3])
+                gr = jax.grad(
+                    lambda q, k, v, c=causal: jnp.sum(
+                        jnp.sin(fp.favor_attention(q, k, v, w, causal=c, key_mask=masks["bool"]))
+                    ),
+                    (0, 1, 2),
+                )(q0, k0, v0)
+                res[f"mgrad-{shape}-{causal}"] = max(
+                    float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(g, gr)
+                )
+
+# Under jax.jit without shard_map: a sequence-sharded NamedSharding on a mesh with Auto
+# axes; the plain call (no axis_name), partitioned by XLA, equals the single-device call.
+auto = jax.make_mesh((8,), ("s",), axis_types=(jax.sharding.AxisType.Auto,))
+seq = P(None, None, "s", None)
+for causal in (False, True):
+    put = lambda x: jax.device_put(x, NamedSharding(auto, seq))  # noqa: E731
+    plain = jax.jit(lambda q, k, v, c=causal: fp.favor_attention(q, k, v, w, causal=c))
+    out = plain(put(q0), put(k0), put(v0))
+    res[f"jit-{causal}"] = float(
+        jnp.max(jnp.abs(np.asarray(out) - refs[(causal, "softmax", "none")]))
+    )
+    res[f"jit-spec-{causal}"] = str(out.sharding.spec)
+
+# Under jax.jit on a mesh with Explicit axes (jax.make_mesh's default): the plain call
+# runs the sharded algorithm inside jax.shard_map by itself; outputs and gradients equal
+# the single-device ones, the output keeps the inputs' sharding.
+mesh = jax.make_mesh((2, 4), ("b", "s"))
+seq, mspec = P("b", None, "s", None), P("b", None, "s")
+put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+with jax.set_mesh(mesh):
+    args = (put(q0, seq), put(k0, seq), put(v0, seq), put(masks["bool"], mspec))
+    for causal in (False, True):
+        plain = jax.jit(
+            lambda q, k, v, m, c=causal: fp.favor_attention(q, k, v, w, causal=c, key_mask=m)
+        )
+        out = plain(*args)
+        ref = refs[(causal, "softmax", "bool")]
+        res[f"explicit-{causal}"] = float(jnp.max(jnp.abs(np.asarray(out) - ref)))
+        res[f"explicit-spec-{causal}"] = str(out.sharding.spec)
+    g = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(plain(q, k, v, args[3]))), (0, 1, 2))(*args[:3])
+    gr = jax.grad(
+        lambda q, k, v: jnp.sum(
+            jnp.sin(fp.favor_attention(q, k, v, w, causal=True, key_mask=masks["bool"]))
+        ),
+        (0, 1, 2),
+    )(q0, k0, v0)
+    res["explicit-grad"] = max(
+        float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(g, gr)
+    )
+    try:  # a key mask not sharded like the keys
+        fp.favor_attention(*args[:3], w, key_mask=put(masks["bool"], P("b", None, None)))
+        res["explicit-mask"] = "no error"
+    except ValueError as e:
+        res["explicit-mask"] = str(e)
 
 try:
     fp.favor_attention(q0, k0, v0, w, axis_name="nowhere")

@@ -27,6 +27,7 @@ def main(rank: int, world: int, port: int, case: str, path: str) -> None:
     b, h, L, d = 2, 2, 37, 8
     q, k, v = (torch.tensor(rng.standard_normal((b, h, L, d)) * 0.5) for _ in range(3))
     mask = torch.tensor(rng.random((b, 1, L)) > 0.3)
+    mask[0, :, :5] = False  # batch row 0: no key on the first shard (5 tokens)
     w = torch.tensor(fp.draw_projection(16, d, seed=0))
     cuts = np.linspace(0, L, world + 1).astype(int)
     if case == "uneven":
@@ -45,6 +46,28 @@ def main(rank: int, world: int, port: int, case: str, path: str) -> None:
             torch.sin(ref).sum().backward()
             pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in ((qs, qf), (ks, kf), (vs, vf))]
             results[f"{causal}-{kernel}"] = [_gap(a, b[..., lo:hi, :]) for a, b in pairs]
+    # A 2-D DeviceMesh (1 x world), the sequence over its dimension "sp"; causal, the
+    # last rank's keys and values adversarial (inf, NaN, +-1e30): the other ranks'
+    # outputs equal those of the plain inputs bit for bit.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "sp"))
+    even = np.linspace(0, L, world + 1).astype(int)  # no empty rank: every rank compared
+    lo, hi = int(even[rank]), int(even[rank + 1])
+    kw = dict(causal=True, key_mask=mask[..., lo:hi], process_group=(mesh, "sp"))
+    qs, ks, vs = (x[..., lo:hi, :] for x in (q, k, v))
+    base = fp.favor_attention(qs, ks, vs, w, **kw)
+    results["mesh-gap"] = [
+        _gap(base, fp.favor_attention(q, k, v, w, causal=True, key_mask=mask)[..., lo:hi, :])
+    ]
+    changed = 0
+    for bad in (float("inf"), float("nan"), 1e30, -1e30):
+        if rank == world - 1:
+            ks, vs = torch.full_like(ks, bad), torch.full_like(vs, bad)
+        out = fp.favor_attention(qs, ks, vs, w, **kw)
+        if rank < world - 1:
+            changed += int((out != base).sum())
+    results["leaked"] = changed
     if True:  # every run ends with ranks that disagree on the shapes
         try:
             x = torch.zeros((2, 2 + rank, 4, d), dtype=torch.float64)

@@ -24,9 +24,11 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 def test_sharded_equals_single_process_three_ranks_uneven(tmp_path: Path) -> None:
-    # Shards of 5, 0 and 32 tokens (an empty rank included); bool key mask, softmax
-    # and relu kernels, bidirectional and causal; outputs and gradients of q, k, v
-    # against the single-process call (float64: rounding ~1e-15).
+    # Shards of 5, 0 and 32 tokens (an empty rank included); a bool key mask (batch row 0
+    # without any key on rank 0), softmax and relu kernels, bidirectional and causal;
+    # outputs and gradients of q, k, v against the single-process call (float64:
+    # rounding ~1e-15). Causal on a DeviceMesh dimension with the last rank adversarial:
+    # the earlier ranks' outputs unchanged bit for bit.
     world = 3
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,6 +56,9 @@ def test_sharded_equals_single_process_three_ranks_uneven(tmp_path: Path) -> Non
         res = torch.load(f"{out}.{r}")
         err = res.pop("error")
         assert "ranks must hold q of the same shape" in err and "rank 1 has (2, 3, 4, 8)" in err
+        # a (1, 3) DeviceMesh's "sp" dimension as the group; the last rank adversarial
+        assert res.pop("leaked") == 0
+        assert res.pop("mesh-gap")[0] < 1e-12
         assert len(res) == 4
         for case, gaps in res.items():
             assert max(gaps) < 1e-12, (r, case, gaps)

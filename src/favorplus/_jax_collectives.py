@@ -52,3 +52,86 @@ class JaxAxis(Collectives):
 
         level = lax.stop_gradient(lax.pmax(lax.stop_gradient(summary.level), self.name))
         return KeySummary(lax.psum(rescale(xp, summary, level), self.name), level)
+
+
+def _spec(x: Any) -> tuple[Any, ...] | None:
+    """The explicit sharding spec of a JAX array's type, one entry per axis (None where
+    the axis is not sharded over explicit mesh axes); None for a non-JAX value."""
+    import jax
+
+    try:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+    except TypeError:
+        return None
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    entries = tuple(spec)
+    return entries + (None,) * (x.ndim - len(entries))
+
+
+def explicit_sequence_axis(k: Any) -> Any:
+    """The explicit mesh axes that the sequence axis (-2) of ``k`` is sharded over
+    (``jax.jit`` on a mesh of ``Explicit`` axes, JAX's default), or None."""
+    spec = _spec(k)
+    if spec is None or k.ndim < 2:
+        return None
+    return spec[k.ndim - 2]
+
+
+def sequence_shard_map(call: Any, axis: Any, arrays: dict[str, Any]) -> Any:
+    """``call(axis_name=axis, **arrays)`` inside ``jax.shard_map`` over the explicit mesh
+    of the arrays' types: what a sequence-sharded ``favor_attention`` under ``jax.jit``
+    needs, since the one-device algorithm would contract the sharded sequence axis.
+
+    Every array keeps its sharding: q, k and v must share their leading (batch, heads)
+    shapes and specs and the sequence axis of k and v; key masks are sharded along the
+    keys' sequence axis like k; the projection is replicated. Else a ValueError that
+    says what to change (or to call ``jax.shard_map`` with ``axis_name=`` directly)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    specs = {name: _spec(x) for name, x in arrays.items()}
+    hint = (
+        f"favor_attention on inputs whose sequence axis is sharded over the explicit mesh "
+        f"axes {axis!r} runs inside jax.shard_map with axis_name={axis!r}"
+    )
+    for name, x in arrays.items():
+        if specs[name] is None:
+            raise TypeError(f"{hint}: {name} must be a JAX array too; got {type(x).__name__}")
+    lead = q.ndim - 2
+    if not (q.ndim == k.ndim == v.ndim and q.shape[:lead] == k.shape[:lead] == v.shape[:lead]):
+        raise ValueError(
+            f"{hint}, which needs q, k and v with the same leading dimensions; got "
+            f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}"
+        )
+    sq, sk, sv = specs["q"], specs["k"], specs["v"]
+    if not (sq[:lead] == sk[:lead] == sv[:lead] and sk[lead] == sv[lead]) or any(
+        s[-1] is not None for s in (sq, sk, sv)
+    ):
+        raise ValueError(
+            f"{hint}, which needs q, k and v sharded alike on their leading dimensions, "
+            f"k and v alike on the sequence axis and none on the last axis; got the "
+            f"specs q {P(*sq)}, k {P(*sk)}, v {P(*sv)}"
+        )
+    for name in ("key_mask", "dropout_keep"):
+        if name in arrays and specs[name][-1] != axis:
+            raise ValueError(
+                f"{hint}, which needs {name} sharded along its last (key) axis over "
+                f"{axis!r} like k; got the spec {P(*specs[name])}"
+            )
+    if "projection" in arrays and any(e is not None for e in specs["projection"]):
+        raise ValueError(
+            f"{hint}, which needs the projection replicated; got the spec {P(*specs['projection'])}"
+        )
+    names = list(arrays)
+    mesh = jax.typeof(k).sharding.mesh
+
+    def body(*xs: Any) -> Any:
+        return call(axis_name=axis, **dict(zip(names, xs)))
+
+    in_specs = tuple(P(*specs[n]) for n in names)
+    out_spec = P(*sq[:-1], None)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec)
+    return mapped(*(arrays[n] for n in names))

@@ -3,7 +3,7 @@
 
 Each rank of the group holds a contiguous piece of the sequence, in rank order (shards
 may have different lengths, 0 included). One differentiable all-gather
-(``torch.distributed._functional_collectives.all_gather_tensor_autograd``, whose
+(``torch.distributed._functional_collectives.all_gather_single_autograd``, whose
 backward pass is a reduce-scatter) of each rank's key summary, m (dv + 1) numbers per
 row and rank whatever the length, then a merge of all of them (bidirectional) or of
 those of the earlier ranks (causal, LASP-2) on every rank. Before that, one small
@@ -66,7 +66,11 @@ class TorchGroup(Collectives):
         import torch
         from torch.distributed import _functional_collectives as funcol
 
-        out = funcol.all_gather_tensor_autograd(x.contiguous()[None], 0, self.group)
+        # all_gather_single_autograd is the newer name (newer torch warns on the old one).
+        gather = getattr(funcol, "all_gather_single_autograd", None)
+        if gather is None:  # pragma: no cover - older torch
+            gather = funcol.all_gather_tensor_autograd
+        out = gather(x.contiguous()[None], 0, self.group)
         out = funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
         if not isinstance(out, torch.Tensor):  # pragma: no cover
             out = torch.as_tensor(out)

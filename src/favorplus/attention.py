@@ -13,6 +13,7 @@ from ._backend import (
     device,
     exp,
     is_dask,
+    is_jax,
     split,
     stop_gradient,
 )
@@ -194,6 +195,48 @@ def _blocked_attention(
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)
 
 
+def _explicit_sequence_call(
+    seq_axis: Any,
+    q: Array,
+    k: Array,
+    v: Array,
+    projection: Array | None,
+    *,
+    attn_mask: Array | None,
+    dropout_p: float,
+    dropout_rng: Any,
+    **options: Any,
+) -> Array:
+    """favor_attention on JAX arrays whose sequence axis is sharded over Explicit mesh
+    axes (``jax.jit`` with a ``NamedSharding``): the sharded call inside ``jax.shard_map``
+    with ``axis_name`` those axes (see ``_jax_collectives.sequence_shard_map``)."""
+    from ._jax_collectives import sequence_shard_map
+
+    where = f"on a sequence sharded over the explicit mesh axes {seq_axis!r}"
+    if attn_mask is not None:
+        raise ValueError(
+            f"attn_mask is not supported {where}: pass key_mask (and causal=True) instead, "
+            f"sharded like the keys"
+        )
+    if dropout_p and dropout_rng is not None:
+        raise ValueError(
+            f"dropout_rng is not supported {where}: pass dropout_keep, sharded like the keys"
+        )
+    arrays = {"q": q, "k": k, "v": v, "projection": projection}
+    for name in ("key_mask", "dropout_keep"):
+        if options[name] is not None:
+            arrays[name] = options.pop(name)
+    arrays = {n: x for n, x in arrays.items() if x is not None}
+
+    def call(projection: Array | None = None, **parts: Any) -> Array:
+        return favor_attention(
+            parts.pop("q"), parts.pop("k"), parts.pop("v"), projection,
+            dropout_p=dropout_p, **options, **parts,
+        )  # fmt: skip
+
+    return sequence_shard_map(call, seq_axis, arrays)
+
+
 def favor_attention(
     q: Array,
     k: Array,
@@ -275,7 +318,10 @@ def favor_attention(
         q, k, v (and of the key masks) sharded over this mesh axis (or tuple of axes),
         in order, every shard computes its own queries' outputs, exchanging only the
         key summaries (m x (dv + 1) numbers per row; see :mod:`favorplus.summaries`
-        and the user guide's "Distributed" page). Causal shards need Lq = Lk.
+        and the user guide's "Distributed" page). Causal shards need Lq = Lk. Under
+        ``jax.jit`` on keys whose sequence axis is sharded over ``Explicit`` mesh axes
+        (a ``NamedSharding``), leave it out: the call runs inside ``jax.shard_map`` with
+        those axes by itself.
     process_group : torch.distributed ProcessGroup, DeviceMesh or (DeviceMesh, dim), optional
         The same for PyTorch: every rank of the group holds a contiguous piece of the
         sequence, in rank order (lengths may differ between ranks).
@@ -334,6 +380,16 @@ def favor_attention(
             attn_mask=attn_mask, scale=scale, chunk_size=chunk_size, dropout_p=dropout_p,
             dropout_rng=dropout_rng, dropout_keep=dropout_keep,
         )  # fmt: skip
+    if axis_name is None and process_group is None and is_jax(k):
+        from ._jax_collectives import explicit_sequence_axis
+
+        seq_axis = explicit_sequence_axis(k)
+        if seq_axis is not None:  # jax.jit on a sequence sharded over Explicit mesh axes
+            return _explicit_sequence_call(
+                seq_axis, q, k, v, projection, kernel=kernel, causal=causal,
+                key_mask=key_mask, attn_mask=attn_mask, scale=scale, chunk_size=chunk_size,
+                dropout_p=dropout_p, dropout_rng=dropout_rng, dropout_keep=dropout_keep,
+            )  # fmt: skip
     prep = prepare(
         q, k, v, key_mask, attn_mask, scale, projection=projection, kernel=kern,
         causal=causal, dropout_p=dropout_p, dropout_rng=dropout_rng, dropout_keep=dropout_keep,
