@@ -548,3 +548,24 @@ def test_flax_traced_simplex_projection_and_refusals(nnx):
     q = jnp.asarray(_fx()).reshape(N, L, H, E // H)
     with pytest.raises(ValueError, match="later tokens"):
         fn(q, q, q)
+
+
+def test_torch_compile_fullgraph_updates_statistics(torch):
+    """A training call under torch.compile(fullgraph=True) computes and updates as eager."""
+    import copy
+
+    from favorplus.torch import FavorAttention
+
+    eager = FavorAttention(E, H, batch_first=True, kernel="softmax_saderf", seed=0)
+    eager(torch.randn(N, L, E), need_weights=False)  # statistics from a first batch
+    compiled_layer = copy.deepcopy(eager)
+    step = torch.compile(
+        lambda x: compiled_layer(x, is_causal=True, need_weights=False)[0], fullgraph=True
+    )
+    x = torch.randn(N, L, E)
+    got = step(x)
+    want, _ = eager(x, is_causal=True, need_weights=False)
+    torch.testing.assert_close(got, want)
+    for name in ("running_query_mean", "running_key_sq_mean", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(compiled_layer, name), getattr(eager, name))
+    assert int(compiled_layer.num_batches_tracked) == 2
