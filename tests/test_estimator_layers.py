@@ -484,6 +484,8 @@ def test_flax_running_statistics_update_freeze_and_jit(nnx):
     layer(jnp.asarray(x3), is_causal=True)
     layer(jnp.asarray(x3), use_running_average=False)  # the call's argument wins
     assert int(layer.num_batches_tracked.get_value()) == 3
+    nnx.view(layer, use_running_average=False)(jnp.asarray(x3))  # a view shares the state
+    assert int(layer.num_batches_tracked.get_value()) == 4
 
 
 def test_flax_state_round_trip_and_older_states(nnx):
