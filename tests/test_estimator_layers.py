@@ -283,6 +283,32 @@ def test_torch_state_dict_round_trip_and_older_checkpoints(torch):
     model[0].load_state_dict(mha.state_dict(), strict=True)
 
 
+def test_torch_performerized_causal_encoder(torch):
+    """A converted nn.TransformerEncoder with a causal mask (a float attn_mask, as torch
+    builds it) and SADERF: training updates every layer's statistics; in evaluation the
+    outputs before T do not depend on the later tokens."""
+    from favorplus.torch import performerize
+
+    torch.manual_seed(0)
+    encoder = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True),
+        2,
+        enable_nested_tensor=False,
+    ).double()
+    model = performerize(encoder, kernel="softmax_saderf", kind="simplex", seed=0)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    x = _tx(torch)
+    model(x, mask=mask, is_causal=True).square().sum().backward()
+    layers = [m.self_attn for m in model.layers]
+    assert all(int(a.num_batches_tracked) == 1 for a in layers)
+    model.eval()
+    with torch.no_grad():
+        out = model(x, mask=mask, is_causal=True)
+        later = model(torch.asarray(_poisoned(x.numpy(), 1e4)), mask=mask, is_causal=True)
+    assert torch.equal(out[:, :T], later[:, :T])
+    assert all(int(a.num_batches_tracked) == 1 for a in layers)
+
+
 def test_torch_fixed_estimators_and_refusals(torch):
     """Estimators with fixed values are used as they are (no statistics); bad options and
     states are refused with the argument's name."""
