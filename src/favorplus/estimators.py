@@ -120,7 +120,7 @@ def _stats(
 
     def mean(x: Array, weight: Array | None) -> tuple[Array, Array]:
         if weight is None:
-            count = float(x.shape[-2] * math.prod(x.shape[a] for a in axes))
+            count = float(x.shape[-2] * math.prod([x.shape[a] for a in axes]))
             s1 = xp.sum(x, axis=-2)
             s2 = xp.sum(x * x, axis=-2)
             if axes:

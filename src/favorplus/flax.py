@@ -35,11 +35,20 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes as _dtypes
 from flax.nnx.nn.linear import default_kernel_init
 
+from ._running import (
+    STAT_NAMES,
+    check_momentum,
+    tracks_statistics,
+    updated_statistics,
+    with_statistics,
+)
 from ._validation import check_flag
 from .attention import favor_attention, favor_attention_matrix
 from .causal import CausalState, favor_attention_step, init_causal_state
+from .estimators import FeatureStatistics, feature_statistics
 from .features import KernelLike, resolve_kernel
 from .projection import default_num_features, draw_projection, host_generator
+from .simplex import simplex_directions
 
 __all__ = [
     "FavorAttention",
@@ -95,8 +104,8 @@ def _traced_projection(
     Only for keys that are traced values (a layer created inside ``nnx.vmap``, as
     scan-over-layers models do), where the host cannot read the key.
     """
-    if kind not in ("orthogonal", "iid"):
-        raise ValueError(f"kind must be one of ('orthogonal', 'iid'); got {kind!r}")
+    if kind not in ("orthogonal", "iid", "simplex"):
+        raise ValueError(f"kind must be one of ('orthogonal', 'iid', 'simplex'); got {kind!r}")
     if norms not in ("chi", "sqrt_d"):
         raise ValueError(f"norms must be one of ('chi', 'sqrt_d'); got {norms!r}")
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -112,6 +121,8 @@ def _traced_projection(
     q, r = jnp.linalg.qr(g)
     signs = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
     q = q * jnp.where(signs == 0, 1.0, signs)[..., None, :]  # Haar (Mezzadri 2007)
+    if kind == "simplex":  # the simplex's vertices, Haar-rotated (favorplus.simplex)
+        q = jnp.einsum("ij,bjk->bik", jnp.asarray(simplex_directions(dim), jnp.float32), q)
     directions = q.reshape(blocks * dim, dim)[:num_features]
     if norms == "chi":
         lengths = jnp.linalg.norm(jax.random.normal(k_len, (num_features, dim)), axis=-1)
@@ -302,8 +313,14 @@ def _favor_heads(
     dropout_rate: float = 0.0,
     deterministic: bool = True,
     module: nnx.Module | None = None,
-) -> jax.Array:
-    """FAVOR+ over (batch..., L, heads, features) queries, keys and values, as nnx lays them."""
+    statistics: FeatureStatistics | None = None,
+    batch_statistics: bool = False,
+) -> Any:
+    """FAVOR+ over (batch..., L, heads, features) queries, keys and values, as nnx lays them.
+
+    ``statistics`` (shape (num_heads, head_dim) each): the running statistics that a
+    data-driven estimator ``kernel`` uses in causal calls. With ``batch_statistics``,
+    returns ``(output, FeatureStatistics of this call, shape (num_heads, head_dim))``."""
     qh, kh, vh, heads, kv_heads = _heads_first(query, key, value)
     lq, lk = qh.shape[-2], kh.shape[-2]
     if check_flag("is_causal", is_causal) and lq != lk:
@@ -344,13 +361,14 @@ def _favor_heads(
         extra["key_mask"] = key_mask
 
     def run(c: bool) -> tuple[jax.Array, jax.Array | None]:
-        out = favor_attention(
-            qh, kh, vh, w, kernel=kernel, causal=c, chunk_size=chunk_size, **extra
-        )
+        kern = kernel
+        if c and statistics is not None:  # causal: the running statistics, not this call's
+            kern = with_statistics(kernel, _grouped(statistics, kv_heads))
+        out = favor_attention(qh, kh, vh, w, kernel=kern, causal=c, chunk_size=chunk_size, **extra)
         weights = None
         if module is not None:
             masks = {n: extra[n] for n in ("key_mask", "attn_mask") if n in extra}
-            weights = favor_attention_matrix(qh, kh, w, kernel=kernel, causal=c, **masks)
+            weights = favor_attention_matrix(qh, kh, w, kernel=kern, causal=c, **masks)
         return out, weights
 
     if isinstance(use, bool):
@@ -366,7 +384,31 @@ def _favor_heads(
     if weights is not None and module is not None:
         weights = weights.reshape(*weights.shape[:-4], heads, lq, lk)
         module.sow(nnx.Intermediate, "attention_weights", weights)
+    if batch_statistics:
+        return _merge_heads(out), _head_statistics(qh, kh, key_mask, heads)
     return _merge_heads(out)
+
+
+def _grouped(statistics: FeatureStatistics, kv_heads: int) -> FeatureStatistics:
+    """(num_heads, d) statistics in the grouped layout (kv_heads, groups, d)."""
+    return FeatureStatistics(
+        *(jnp.reshape(s, (kv_heads, s.shape[0] // kv_heads, s.shape[-1])) for s in statistics)
+    )
+
+
+def _head_statistics(
+    qh: jax.Array, kh: jax.Array, key_mask: jax.Array | None, heads: int
+) -> FeatureStatistics:
+    """Per-head statistics of grouped queries and keys, averaged over the batch dimensions
+    and the positions (masked keys left out), as (num_heads, d) arrays."""
+    nbatch = max(qh.ndim, kh.ndim, 0 if key_mask is None else key_mask.ndim + 1) - 2
+    axes = tuple(range(nbatch - 2)) or None
+    batch = feature_statistics(qh, kh, key_mask=key_mask, axis=axes)
+    dim = qh.shape[-1]
+    lead = (*qh.shape[-4:-2],)  # (kv_heads, groups)
+    return FeatureStatistics(
+        *(jnp.broadcast_to(s, (*s.shape[:-3], *lead, dim)).reshape(heads, dim) for s in batch)
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -557,11 +599,29 @@ class FavorAttention(nnx.MultiHeadAttention):
         exact attention functions are refused.
     num_features : int, optional
         Random features m per head; default ``round(d log d)`` for head size d.
-    kernel, kind, norms
-        The feature map (:func:`favorplus.favor_attention`) and the projection's law
-        (:func:`favorplus.draw_projection`).
+    kernel : str or estimator
+        The feature map (:func:`favorplus.favor_attention`): ``"softmax"`` (FAVOR+),
+        ``"softmax_hyperbolic"``, ..., or an estimator: ``"softmax_oprf"`` /
+        :class:`~favorplus.OPRF` (FAVOR++), ``"softmax_saderf"`` /
+        :class:`~favorplus.SADERF` (FAVOR#). An estimator with fixed parameters or given
+        statistics is used as it is in every call; a data-driven one (the strings,
+        ``OPRF()``, ``SADERF()``) makes the layer keep running statistics (see
+        **Estimators** below).
+    kind, norms
+        The projection's law (:func:`favorplus.draw_projection`): ``kind`` is
+        ``"orthogonal"``, ``"iid"`` or ``"simplex"``.
     causal : bool
         Always causal (queries aligned to the last keys when fewer).
+    use_running_average : bool or None
+        As nnx.BatchNorm's: False (training) updates the running statistics of a
+        data-driven estimator at every call, True (evaluation: ``model.eval()``,
+        ``nnx.view(model, use_running_average=True)``) freezes them; the call's own
+        argument overrides it.
+    statistics_momentum : float or None
+        The running statistics' momentum (``running += momentum (batch - running)``,
+        after a first batch that replaces the initial zeros; note that nnx.BatchNorm's
+        ``momentum`` is the complement, the weight of the old value); None: the average
+        of all training batches.
     seed : int, numpy.random.Generator or JAX key, optional
         Draw the first projection from this seed (an int gives the same matrix as
         ``favorplus.draw_projection(m, d, seed=seed)`` and as the torch layer);
@@ -569,6 +629,28 @@ class FavorAttention(nnx.MultiHeadAttention):
         key is traced, as inside ``nnx.vmap``).
     chunk_size : int, optional
         Causal chunk length.
+
+    **Estimators** (``kernel="softmax_oprf"``, ``"softmax_saderf"``, ``OPRF()``,
+    ``SADERF()``). OPRF's A and SADERF's psi depend on the queries' and keys'
+    statistics. The layer keeps them per head like nnx.BatchNorm's running mean, as
+    ``nnx.BatchStat`` variables ``running_query_mean``, ``running_query_sq_mean``,
+    ``running_key_mean``, ``running_key_sq_mean`` (shape (num_heads, head_dim), zeros at
+    first, which give A = 0 and psi = 1: FAVOR+) and ``num_batches_tracked``:
+
+    - a *bidirectional* call takes A (and psi) from its own queries and keys, per
+      sequence and head, masked keys left out, as constants for autodiff (the functional
+      ``OPRF()``), in training and evaluation alike;
+    - a *causal* call takes them from the running statistics as they were before the
+      call (no token sees statistics of its own sequence);
+    - with ``use_running_average=False`` every call then updates the running statistics
+      from its queries and keys (per head, averaged over the batch and the positions,
+      masked keys left out, under ``stop_gradient``), *after* computing its output;
+      ``use_running_average=True`` freezes them;
+    - ``decode=True`` uses the running statistics as they were at :meth:`init_cache`
+      (kept in the cache, so that the whole sequence uses one estimator) and never
+      updates them.
+
+    A custom ``attention_fn`` receives no statistics.
 
     Examples
     --------
@@ -628,6 +710,8 @@ class FavorAttention(nnx.MultiHeadAttention):
         kind: str = "orthogonal",
         norms: str = "chi",
         causal: bool = False,
+        use_running_average: bool | None = False,
+        statistics_momentum: float | None = 0.1,
         seed: Any = None,
         chunk_size: int | None = None,
     ) -> None:
@@ -710,6 +794,46 @@ class FavorAttention(nnx.MultiHeadAttention):
         self.projection = FeatureProjection(w)
         self.cached_numerator: nnx.Cache[jax.Array] | None = nnx.data(None)
         self.cached_log_scale: nnx.Cache[jax.Array] | None = nnx.data(None)
+        self.cached_statistics: nnx.Cache[jax.Array] | None = nnx.data(None)
+        self.use_running_average = (
+            None
+            if use_running_average is None
+            else check_flag("use_running_average", use_running_average)
+        )
+        self.statistics_momentum = check_momentum(statistics_momentum)
+        self.tracks_statistics = tracks_statistics(kernel)
+        if self.tracks_statistics:
+            dt = jnp.promote_types(param_dtype, jnp.float32)
+            for name in STAT_NAMES:
+                setattr(self, name, nnx.BatchStat(jnp.zeros((num_heads, self.head_dim), dt)))
+            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    @property
+    def running_statistics(self) -> FeatureStatistics | None:
+        """The running :class:`~favorplus.FeatureStatistics` (arrays of shape (num_heads,
+        head_dim)), or None when the kernel keeps none."""
+        if not self.tracks_statistics:
+            return None
+        return FeatureStatistics(*(getattr(self, n)[...] for n in STAT_NAMES))
+
+    def call_kernel(self, causal: bool) -> Any:
+        """The kernel a call uses, in the grouped layout of the heads (kv_heads, groups):
+        the layer's, or for a data-driven estimator in a causal call, the estimator with
+        the running statistics as they are now."""
+        running = self.running_statistics
+        if running is None or not causal:
+            return self.kernel
+        return with_statistics(self.kernel, _grouped(running, self.num_kv_heads))
+
+    def _update_statistics(self, batch: FeatureStatistics) -> None:
+        running = self.running_statistics
+        assert running is not None
+        new, count = updated_statistics(
+            tuple(running), self.num_batches_tracked[...], tuple(batch), self.statistics_momentum
+        )
+        for name, value in zip(STAT_NAMES, new):
+            getattr(self, name)[...] = jax.lax.stop_gradient(value)
+        self.num_batches_tracked[...] = count
 
     def _draw(self, rng: np.random.Generator, dtype: Any) -> jax.Array:
         w = draw_projection(
@@ -743,7 +867,9 @@ class FavorAttention(nnx.MultiHeadAttention):
         (``cached_numerator`` of shape (batch..., kv_heads, groups, m, head_dim + 1),
         ``cached_log_scale``) and ``cache_index``, not keys and values: its size does
         not depend on ``input_shape[-2]`` (the maximum length), and every decoded
-        token costs the same time and memory.
+        token costs the same time and memory. With a data-driven estimator, the cache
+        also keeps the running statistics as they are now (``cached_statistics``): the
+        sequence is decoded with them.
 
         Parameters
         ----------
@@ -768,6 +894,9 @@ class FavorAttention(nnx.MultiHeadAttention):
         self.cached_numerator = nnx.Cache(state.numerator)
         self.cached_log_scale = nnx.Cache(state.log_scale)
         self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
+        running = self.running_statistics
+        if running is not None:  # the estimator of the whole sequence: fixed here
+            self.cached_statistics = nnx.Cache(jnp.stack(running))
 
     def set_view(
         self,
@@ -775,11 +904,15 @@ class FavorAttention(nnx.MultiHeadAttention):
         decode: bool | None = None,
         batch_size: int | tuple[int, ...] | None = None,
         max_length: int | None = None,
+        use_running_average: bool | None = None,
     ) -> None:
-        """Used by ``nnx.view``: set ``deterministic`` / ``decode``; a first
-        ``decode=True`` view with ``batch_size`` and ``max_length`` initialises the cache."""
+        """Used by ``nnx.view``: set ``deterministic`` / ``decode`` /
+        ``use_running_average``; a first ``decode=True`` view with ``batch_size`` and
+        ``max_length`` initialises the cache."""
         if deterministic is not None:
             self.deterministic = deterministic
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
         if decode is not None:
             self.decode = decode
             if decode and self.cached_numerator is None:
@@ -807,6 +940,7 @@ class FavorAttention(nnx.MultiHeadAttention):
         is_causal: bool = False,
         out_sharding: Any = None,
         qkv_sharding: Any = None,
+        use_running_average: bool | None = None,
     ) -> jax.Array:
         """Attention of ``inputs_q`` over ``inputs_k`` / ``inputs_v``, as nnx's layer.
 
@@ -832,6 +966,9 @@ class FavorAttention(nnx.MultiHeadAttention):
             Make this call causal (needs L = S).
         out_sharding, qkv_sharding
             Passed to the output / input projections as in nnx.
+        use_running_average : bool, optional
+            Overrides the layer's: True freezes the running statistics of a data-driven
+            estimator, False updates them after this call's output.
 
         Returns
         -------
@@ -903,6 +1040,16 @@ class FavorAttention(nnx.MultiHeadAttention):
                 is_causal=is_causal,
             )
         else:
+            update = False
+            if self.tracks_statistics:
+                frozen = first_from(
+                    use_running_average,
+                    self.use_running_average,
+                    error_msg="No `use_running_average` argument was provided to FavorAttention "
+                    "(its kernel keeps running statistics): pass it to the constructor or "
+                    "the call, or use model.train() / model.eval() or nnx.view.",
+                )
+                update = not check_flag("use_running_average", frozen)
             x = _favor_heads(
                 query,
                 key,
@@ -918,7 +1065,12 @@ class FavorAttention(nnx.MultiHeadAttention):
                 dropout_rate=self.dropout_rate,
                 deterministic=bool(deterministic),
                 module=self if sow_weights else None,
+                statistics=self.running_statistics,
+                batch_statistics=update,
             )
+            if update:  # after the output: no output sees its own call's statistics
+                x, batch = x
+                self._update_statistics(batch)
         return self.out(x, out_sharding=out_sharding)
 
     def _decode(
@@ -963,13 +1115,22 @@ class FavorAttention(nnx.MultiHeadAttention):
             key_mask = _decode_key_mask(
                 m, steps, self.cache_index[...], getattr(self, "max_length", steps)
             )
+        kernel = self.kernel
+        if self.tracks_statistics:
+            if self.cached_statistics is None:
+                raise ValueError(
+                    "the cache holds no running statistics (it was initialised before "
+                    "this layer kept them): call init_cache again"
+                )
+            snapshot = FeatureStatistics(*self.cached_statistics[...])
+            kernel = with_statistics(kernel, _grouped(snapshot, self.num_kv_heads))
         out, state = favor_attention_step(
             qh,
             kh,
             vh,
             self.projection.get_value(),
             CausalState(numerator, log_scale),
-            kernel=self.kernel,
+            kernel=kernel,
             key_mask=key_mask,
             chunk_size=self.chunk_size,
         )

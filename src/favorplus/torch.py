@@ -30,7 +30,7 @@ import copy
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -43,13 +43,23 @@ except ImportError as _error:  # the framework is an optional extra
     raise ImportError(missing("favorplus.torch", "torch", "PyTorch")) from _error
 from torch.nn import functional as F
 
+from ._running import (
+    STAT_NAMES,
+    check_momentum,
+    tracks_statistics,
+    updated_statistics,
+    with_statistics,
+)
 from ._validation import check_flag
 from .attention import favor_attention, favor_attention_matrix
-from .features import KernelLike
+from .causal import CausalState, favor_attention_step
+from .estimators import FeatureStatistics, feature_statistics
+from .features import KernelLike, resolve_kernel
 from .masks import split_mask
 from .projection import default_num_features, draw_projection, host_generator
 
 __all__ = [
+    "DecodingState",
     "FavorAttention",
     "deperformerize",
     "exact_state_dict",
@@ -59,6 +69,23 @@ __all__ = [
 ]
 
 Seed = int | np.random.Generator | None
+
+
+class DecodingState(NamedTuple):
+    """The state of :meth:`FavorAttention.step` between calls.
+
+    Attributes
+    ----------
+    causal : CausalState
+        The causal state of every (batch, head): O(m d) numbers, whatever the length.
+    statistics : FeatureStatistics or None
+        The running statistics the sequence is decoded with (a data-driven OPRF / SADERF
+        kernel: fixed at the first step, so that every token of the sequence uses the
+        same estimator); None for the other kernels.
+    """
+
+    causal: CausalState
+    statistics: FeatureStatistics | None
 
 
 def _check_dropout(name: str, p: Any) -> float:
@@ -259,12 +286,24 @@ class FavorAttention(nn.Module):
         undropped attention. Drawn with torch's RNG; a no-op in ``eval()`` mode.
     num_features : int, optional
         Random features m per head; default ``round(d log d)`` for head size d.
-    kernel, kind, norms
-        The feature map (:func:`favorplus.favor_attention`) and the projection's law
-        (:func:`favorplus.draw_projection`).
+    kernel : str or estimator
+        The feature map (:func:`favorplus.favor_attention`): ``"softmax"`` (FAVOR+),
+        ``"softmax_hyperbolic"``, ..., or an estimator: ``"softmax_oprf"`` /
+        :class:`~favorplus.OPRF` (FAVOR++), ``"softmax_saderf"`` /
+        :class:`~favorplus.SADERF` (FAVOR#). An estimator with fixed parameters or given
+        statistics is used as it is in every call. A data-driven one (the strings,
+        ``OPRF()``, ``SADERF()``) makes the layer keep running statistics (see
+        **Estimators** below).
+    kind, norms
+        The projection's law (:func:`favorplus.draw_projection`): ``kind`` is
+        ``"orthogonal"``, ``"iid"`` or ``"simplex"``.
     causal : bool
         Always causal (``forward(is_causal=True)`` or a causal ``attn_mask`` also make
         one call causal).
+    statistics_momentum : float or None
+        The running statistics' momentum (as BatchNorm's: ``running += momentum
+        (batch - running)``, after a first batch that replaces the initial zeros);
+        None: the average of all training batches. Used only by data-driven estimators.
     redraw_interval : int, optional
         Redraw the projection every this many ``forward`` calls in training mode
         (before the call). Counted in Python: under ``torch.compile(fullgraph=True)``
@@ -275,11 +314,38 @@ class FavorAttention(nn.Module):
         Causal chunk length (:func:`favorplus.favor_attention`).
     save_projection : bool
         Whether the projection is in the ``state_dict`` (a persistent buffer). With
-        False, the ``state_dict`` is exactly ``nn.MultiheadAttention``'s and a reload
-        keeps the projection drawn from the seed.
+        False, the ``state_dict`` is exactly ``nn.MultiheadAttention``'s (plus the
+        running statistics of a data-driven estimator) and a reload keeps the
+        projection drawn from the seed.
     share_redraws : bool
         Copies keep this layer's generator state (and so redraw the same matrices)
         instead of spawning their own.
+
+    **Estimators** (``kernel="softmax_oprf"``, ``"softmax_saderf"``, ``OPRF()``,
+    ``SADERF()``). OPRF's A and SADERF's psi depend on the queries' and keys' statistics.
+    The layer keeps them per head like BatchNorm's running mean, in buffers
+    ``running_query_mean``, ``running_query_sq_mean``, ``running_key_mean``,
+    ``running_key_sq_mean`` (shape (num_heads, head_dim), zeros at first, which give
+    A = 0 and psi = 1: FAVOR+) and ``num_batches_tracked``:
+
+    - a *bidirectional* call takes A (and psi) from its own queries and keys, per
+      sequence and head, masked keys left out, as constants for autodiff (the functional
+      ``OPRF()``), in training and in ``eval()`` mode alike;
+    - a *causal* call takes them from the running statistics as they were before the
+      call (no token sees statistics of its own sequence);
+    - in training mode (``self.training``), every call then updates the running
+      statistics from its queries and keys (per head, averaged over the batch and the
+      positions, masked keys left out, no gradient), *after* computing its output;
+      ``eval()`` freezes them;
+    - :meth:`step` (decoding) uses the running statistics at the sequence's first
+      step for the whole sequence (they are kept in the decoding state) and never
+      updates them.
+
+    The buffers are in the ``state_dict`` (``strict=True`` loading needs them). A
+    ``state_dict`` without any of them (from before this layer kept statistics, or an
+    exact ``nn.MultiheadAttention``'s) loads with ``strict=True`` and resets them to
+    zero: bidirectional calls are unchanged, causal ones compute FAVOR+ until the first
+    training call.
 
     Examples
     --------
@@ -317,6 +383,7 @@ class FavorAttention(nn.Module):
         kind: str = "orthogonal",
         norms: str = "chi",
         causal: bool = False,
+        statistics_momentum: float | None = 0.1,
         redraw_interval: int | None = None,
         seed: Seed = None,
         chunk_size: int | None = None,
@@ -356,7 +423,10 @@ class FavorAttention(nn.Module):
         self.batch_first = check_flag("batch_first", batch_first)
         self.head_dim = embed_dim // num_heads
         self.add_zero_attn = check_flag("add_zero_attn", add_zero_attn)
+        resolve_kernel(kernel)
         self.kernel = kernel
+        self.statistics_momentum = check_momentum(statistics_momentum)
+        self.tracks_statistics = tracks_statistics(kernel)
         self.kind = kind
         self.norms = norms
         self.causal = check_flag("causal", causal)
@@ -406,7 +476,65 @@ class FavorAttention(nn.Module):
             ),
             persistent=check_flag("save_projection", save_projection),
         )
+        if self.tracks_statistics:
+            self._register_statistics(device, proj_dtype)
         self._reset_parameters()
+
+    def _register_statistics(self, device: Any, dtype: Any) -> None:
+        """The running statistics buffers, zero (A = 0, psi = 1: FAVOR+), no batch seen."""
+        dtype = torch.promote_types(dtype, torch.float32)  # statistics in float32 at least
+        shape = (self.num_heads, self.head_dim)
+        for name in STAT_NAMES:
+            self.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer(
+            "num_batches_tracked", torch.zeros((), device=device, dtype=torch.long)
+        )
+
+    @property
+    def running_statistics(self) -> FeatureStatistics | None:
+        """The running :class:`~favorplus.FeatureStatistics` (arrays of shape (num_heads,
+        head_dim)), or None when the kernel keeps none."""
+        if not self.tracks_statistics:
+            return None
+        return FeatureStatistics(*(getattr(self, name) for name in STAT_NAMES))
+
+    def call_kernel(self, causal: bool) -> Any:
+        """The kernel a call uses: the layer's, or for a data-driven estimator in a causal
+        call, the estimator with the running statistics (as they are now).
+
+        Parameters
+        ----------
+        causal : bool
+
+        Returns
+        -------
+        str or estimator
+            Pass it as ``kernel=`` to the functional API to reproduce a call.
+        """
+        running = self.running_statistics
+        if running is None or not causal:
+            return self.kernel
+        return with_statistics(self.kernel, running)
+
+    @torch.no_grad()
+    def _update_statistics(self, q: Tensor, k: Tensor, key_mask: Tensor | None) -> None:
+        """One training batch's per-head statistics into the running ones (no gradient)."""
+        keep = key_mask
+        if keep is not None and keep.dtype != torch.bool:
+            keep = keep != float("-inf")  # an additive mask: -inf drops a key
+        batch = feature_statistics(q.detach(), k.detach(), key_mask=keep, axis=0)
+        shape = (self.num_heads, self.head_dim)
+        running = self.running_statistics
+        assert running is not None
+        new, count = updated_statistics(
+            tuple(running),
+            self.num_batches_tracked,
+            tuple(b.reshape(shape) for b in batch),
+            self.statistics_momentum,
+        )
+        for buffer, value in zip(running, new):
+            buffer.copy_(value)
+        self.num_batches_tracked.copy_(count)
 
     @property
     def _qkv_same_embed_dim(self) -> bool:
@@ -433,7 +561,8 @@ class FavorAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
-            f"num_features={self.num_features}, kernel={self.kernel!r}, causal={self.causal}, "
+            f"num_features={self.num_features}, kernel={self.kernel!r}, kind={self.kind!r}, "
+            f"causal={self.causal}, "
             f"batch_first={self.batch_first}, redraw_interval={self.redraw_interval}"
         )
 
@@ -456,6 +585,18 @@ class FavorAttention(nn.Module):
         key = prefix + "projection"
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)
+        # A state without any running statistics (an older checkpoint, an exact
+        # MultiheadAttention's): load it, and start the statistics afresh (zeros: FAVOR+
+        # in causal calls until the first training call).
+        if self.tracks_statistics:
+            names = [prefix + n for n in (*STAT_NAMES, "num_batches_tracked")]
+            if not any(n in state_dict for n in names):
+                for n in names:
+                    if n in missing_keys:
+                        missing_keys.remove(n)
+                with torch.no_grad():
+                    for n in (*STAT_NAMES, "num_batches_tracked"):
+                        getattr(self, n).zero_()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FavorAttention:
         new = self.__class__.__new__(self.__class__)
@@ -523,6 +664,8 @@ class FavorAttention(nn.Module):
             device=ref.device,
             dtype=ref.dtype,
         )
+        if layer.tracks_statistics:
+            layer._register_statistics(ref.device, ref.dtype)
         _move_parameters(mha, layer)
         return layer.train(mha.training)
 
@@ -729,13 +872,14 @@ class FavorAttention(nn.Module):
         if self.training and self.dropout > 0:
             keep = _dropout_keep(self.dropout, (n, h, k.shape[2]), k.device)
 
+        kernel = self.call_kernel(causal)
         with torch.autocast(device_type=q.device.type, enabled=False):
             out = favor_attention(
                 q,
                 k,
                 v,
                 self.projection,
-                kernel=self.kernel,
+                kernel=kernel,
                 causal=causal,
                 key_mask=key_mask,
                 chunk_size=self.chunk_size,
@@ -745,7 +889,7 @@ class FavorAttention(nn.Module):
             weights = None
             if need_weights:
                 weights = favor_attention_matrix(
-                    q, k, self.projection, kernel=self.kernel, causal=causal, key_mask=key_mask
+                    q, k, self.projection, kernel=kernel, causal=causal, key_mask=key_mask
                 )
                 if keep is not None:
                     weights = weights * keep[..., None, :] / (1.0 - self.dropout)
@@ -755,12 +899,161 @@ class FavorAttention(nn.Module):
                     weights = weights.mean(dim=1)
                 if not batched:
                     weights = weights[0]
+        if self.tracks_statistics and self.training:
+            # After the output: this call's outputs never see its own statistics.
+            self._update_statistics(q, k, key_mask)
         out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
         if not batched:
             out = out[0]
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def step(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        state: DecodingState | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, DecodingState]:
+        """Causal decoding: the output of the next token(s) of a sequence, from the state.
+
+        Feeding a sequence token by token (or in blocks) gives the outputs of one causal
+        :meth:`forward` call over it (up to float rounding), in O(m d) time and memory
+        per token and head. The extra keys of ``add_bias_kv`` / ``add_zero_attn`` are
+        fed at the first step. No dropout is applied and the running statistics are not
+        updated (a data-driven estimator uses them as they are at the first step, for
+        the whole sequence: they are kept in the state).
+
+        Parameters
+        ----------
+        query : Tensor, shape (T, N, E), (N, T, E) if batch_first, or unbatched (T, E)
+            The next T tokens' queries.
+        key, value : Tensor, optional
+            Their keys (kdim) and values (vdim), shaped as ``query``; default ``query``.
+        state : DecodingState, optional
+            From the previous step; None starts a sequence.
+        key_padding_mask : Tensor, shape (N, T) or unbatched (T,), optional
+            bool (True: the new key is padding and is left out) or float (added to the
+            scores of each key).
+
+        Returns
+        -------
+        output : Tensor
+            Shaped like ``query`` with ``embed_dim`` features.
+        state : DecodingState
+
+        Examples
+        --------
+        >>> import torch
+        >>> from favorplus.torch import FavorAttention
+        >>> layer = FavorAttention(32, 4, batch_first=True, seed=0).eval()
+        >>> x = torch.randn(2, 10, 32)
+        >>> full, _ = layer(x, is_causal=True, need_weights=False)
+        >>> first, state = layer.step(x[:, :6])
+        >>> rest, state = layer.step(x[:, 6:], state=state)
+        >>> torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
+        True
+        """
+        if key is None:
+            key = query
+        if value is None:
+            value = key
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        batched = query.ndim == 3
+        same = key.shape[:-1] == query.shape[:-1] == value.shape[:-1]
+        if query.ndim not in (2, 3) or not same:
+            raise ValueError(
+                "query, key and value must have the same (T, N), (N, T) or (T,) leading shape "
+                f"(the next tokens); got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                f"value {tuple(value.shape)}"
+            )
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+        elif not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        for name, x, size in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if x.shape[-1] != size:
+                raise ValueError(
+                    f"{name} must have {size} features (last axis); got shape {tuple(x.shape)}"
+                )
+        n, steps = query.shape[0], query.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self._in_projections(query, key, value)
+        q, k, v = (x.reshape(n, steps, h, d).transpose(1, 2) for x in (q, k, v))
+        key_mask = None
+        if key_padding_mask is not None:
+            pad = _check_mask_dtype("key_padding_mask", key_padding_mask)
+            expected = (n, steps) if batched else (steps,)
+            if tuple(pad.shape) != expected:
+                raise ValueError(
+                    f"key_padding_mask must have shape {expected} (batch, new tokens); got "
+                    f"{tuple(pad.shape)}"
+                )
+            pad = pad.reshape(n, 1, steps)
+            key_mask = torch.logical_not(pad) if pad.dtype == torch.bool else pad
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            if state is None:
+                statistics = None
+                if self.tracks_statistics:
+                    running = self.running_statistics
+                    assert running is not None
+                    statistics = FeatureStatistics(*(r.detach().clone() for r in running))
+                kernel = self._decoding_kernel(statistics)
+                causal_state = self._first_state(n, q, kernel)
+            else:
+                if not isinstance(state, DecodingState):
+                    raise TypeError(
+                        "state must be the DecodingState of a previous step or None; got "
+                        f"{type(state).__name__}"
+                    )
+                statistics, causal_state = state.statistics, state.causal
+                kernel = self._decoding_kernel(statistics)
+            out, causal_state = favor_attention_step(
+                q,
+                k,
+                v,
+                self.projection,
+                causal_state,
+                kernel=kernel,
+                key_mask=key_mask,
+                chunk_size=self.chunk_size,
+            )
+        out = self.out_proj(out.transpose(1, 2).reshape(n, steps, self.embed_dim))
+        if not batched:
+            out = out[0]
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, DecodingState(causal_state, statistics)
+
+    def _decoding_kernel(self, statistics: FeatureStatistics | None) -> Any:
+        return self.kernel if statistics is None else with_statistics(self.kernel, statistics)
+
+    def _first_state(self, n: int, q: Tensor, kernel: Any) -> CausalState | None:
+        """The state before a sequence: None, or the one holding the extra keys of
+        ``add_bias_kv`` / ``add_zero_attn`` (attended by every query)."""
+        h, d = self.num_heads, self.head_dim
+        prefix_k, prefix_v = [], []
+        if self.bias_k is not None and self.bias_v is not None:
+            prefix_k.append(self.bias_k.reshape(1, h, 1, d).expand(n, h, 1, d).to(q.dtype))
+            prefix_v.append(self.bias_v.reshape(1, h, 1, d).expand(n, h, 1, d).to(q.dtype))
+        if self.add_zero_attn:
+            prefix_k.append(q.new_zeros(n, h, 1, d))
+            prefix_v.append(q.new_zeros(n, h, 1, d))
+        if not prefix_k:
+            return None
+        k, v = torch.cat(prefix_k, dim=2), torch.cat(prefix_v, dim=2)
+        _, state = favor_attention_step(
+            torch.zeros_like(k), k, v, self.projection, kernel=kernel, chunk_size=self.chunk_size
+        )
+        return state
 
     def _masks(
         self,
@@ -919,6 +1212,7 @@ def performerize(
     kind: str = "orthogonal",
     norms: str = "chi",
     causal: bool | None = None,
+    statistics_momentum: float | None = 0.1,
     redraw_interval: int | None = None,
     chunk_size: int | None = None,
     save_projection: bool = True,
@@ -939,7 +1233,8 @@ def performerize(
     model : torch.nn.Module
         Any model (an ``nn.Transformer*``, a user model holding MultiheadAttention
         modules), or a single ``nn.MultiheadAttention``.
-    num_features, kernel, kind, norms, redraw_interval, chunk_size, save_projection
+    num_features, kernel, kind, norms, statistics_momentum, redraw_interval, chunk_size,
+    save_projection
         The FAVOR+ options of :class:`FavorAttention`, for every layer.
     seed : int, numpy.random.Generator or None
         The layers' generators are its children (``Generator.spawn``), in
@@ -976,6 +1271,7 @@ def performerize(
         "kind": kind,
         "norms": norms,
         "causal": bool(causal),
+        "statistics_momentum": statistics_momentum,
         "redraw_interval": redraw_interval,
         "chunk_size": chunk_size,
         "save_projection": save_projection,
@@ -1042,7 +1338,7 @@ def deperformerize(model: nn.Module) -> nn.Module:
 
 
 def exact_state_dict(model: nn.Module, *, keep_vars: bool = False) -> OrderedDict[str, Any]:
-    """``model.state_dict()`` without the FAVOR+ projections.
+    """``model.state_dict()`` without the FAVOR+ projections (and running statistics).
 
     It loads with ``strict=True`` into the exact model (the same model with
     ``nn.MultiheadAttention`` in place of every :class:`FavorAttention`).
@@ -1071,7 +1367,8 @@ def exact_state_dict(model: nn.Module, *, keep_vars: bool = False) -> OrderedDic
     state = model.state_dict(keep_vars=keep_vars)
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, FavorAttention):
-            state.pop(f"{name}.projection" if name else "projection", None)
+            for key in ("projection", *STAT_NAMES, "num_batches_tracked"):
+                state.pop(f"{name}.{key}" if name else key, None)
     return state
 
 
