@@ -52,8 +52,16 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+from ._running import (
+    STAT_NAMES,
+    check_momentum,
+    tracks_statistics,
+    updated_statistics,
+    with_statistics,
+)
 from .attention import favor_attention, favor_attention_matrix
 from .causal import CausalState, favor_attention_step
+from .estimators import FeatureStatistics, feature_statistics
 from .features import KERNELS
 from .projection import default_num_features, draw_projection
 
@@ -76,6 +84,15 @@ BUFFER = "favorplus_projection"
 NUM_FEATURES_ATTR = "favorplus_num_features"
 SEED_ATTR = "favorplus_seed"
 KERNEL_ATTR = "favorplus_kernel"
+KIND_ATTR = "favorplus_projection_kind"
+MOMENTUM_ATTR = "favorplus_statistics_momentum"
+# The data-driven estimators (running statistics per attention module) besides KERNELS.
+ESTIMATORS = ("softmax_oprf", "softmax_saderf")
+KINDS = ("orthogonal", "iid", "simplex")
+_DEFAULT_KIND = "orthogonal"
+_DEFAULT_MOMENTUM = 0.1
+_COUNT = "num_batches_tracked"
+_HOOKED_ATTR = "_favorplus_statistics_hook"
 _INDEX_ATTR = "_favorplus_index"
 _CACHE_KWARG = "favorplus_cache_layer"
 _DEFAULT_SEED = 0
@@ -392,19 +409,51 @@ def _check_seed(value: Any, name: str = "seed") -> int:
 
 
 def _check_kernel(value: Any, name: str = "kernel") -> str:
-    if not isinstance(value, str) or value not in KERNELS:
+    allowed = (*KERNELS, *ESTIMATORS)
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(
-            f"{name} must be one of {KERNELS} (a name, so that it is saved with the config); "
+            f"{name} must be one of {allowed} (a name, so that it is saved with the config); "
             f"got {value!r}"
         )
     return value
 
 
+def _check_kind(value: Any, name: str = "kind") -> str:
+    if not isinstance(value, str) or value not in KINDS:
+        raise ValueError(f"{name} must be one of {KINDS}; got {value!r}")
+    return value
+
+
+def _check_momentum(value: Any, name: str = "statistics_momentum") -> float | None:
+    try:
+        return check_momentum(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("statistics_momentum", name, 1)) from None
+
+
+def _momentum(module: nn.Module) -> float | None:
+    """The config's momentum: absent means 0.1, None means the cumulative average."""
+    config = getattr(module, "config", None)
+    value = getattr(config, MOMENTUM_ATTR, _DEFAULT_MOMENTUM)
+    return _check_momentum(value, f"config.{MOMENTUM_ATTR}")
+
+
+def _kernel(module: nn.Module) -> str:
+    return _check_kernel(_setting(module, KERNEL_ATTR, _DEFAULT_KERNEL), f"config.{KERNEL_ATTR}")
+
+
 def _draw(module: nn.Module, num_features: int, dim: int, device: Any) -> Tensor:
     seed = _check_seed(_setting(module, SEED_ATTR, _DEFAULT_SEED), f"config.{SEED_ATTR}")
+    kind = _check_kind(_setting(module, KIND_ATTR, _DEFAULT_KIND), f"config.{KIND_ATTR}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, *_module_index(module)]))
     return draw_projection(
-        num_features, dim, seed=rng, xp=torch, device=device, dtype=torch.float32
+        num_features,
+        dim,
+        kind=kind,  # type: ignore[arg-type]
+        seed=rng,
+        xp=torch,
+        device=device,
+        dtype=torch.float32,
     )
 
 
@@ -433,6 +482,112 @@ def _projection(module: nn.Module, query: Tensor) -> Tensor:
             f"queries are on {query.device}: move the whole model with .to()"
         )
     return w
+
+
+# ----------------------------------------------------------------------------------
+# Running statistics of the data-driven estimators (OPRF, SADERF)
+
+
+def _fill_missing_statistics(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    *args: Any,
+) -> None:
+    """Load pre-hook: a state without any of the module's running statistics (an older
+    checkpoint, or one of another kernel) loads, also with ``strict=True``, and resets
+    them to zero (A = 0, psi = 1: FAVOR+ in causal calls until the first training call),
+    as :class:`favorplus.torch.FavorAttention` does."""
+    names = [prefix + n for n in (*STAT_NAMES, _COUNT)]
+    if any(n in state_dict for n in names):
+        return
+    for name, full in zip((*STAT_NAMES, _COUNT), names):
+        buffer = module._buffers.get(name)
+        if buffer is not None:
+            state_dict[full] = torch.zeros_like(buffer)
+
+
+def _register_statistics(module: nn.Module, heads: int, dim: int, device: Any) -> None:
+    """The module's running statistics buffers (persistent), zero, no batch seen."""
+    with torch.inference_mode(False):
+        for name in STAT_NAMES:
+            module.register_buffer(
+                name, torch.zeros((heads, dim), device=device, dtype=torch.float32)
+            )
+        module.register_buffer(_COUNT, torch.zeros((), device=device, dtype=torch.long))
+    if not getattr(module, _HOOKED_ATTR, False):
+        module._register_load_state_dict_pre_hook(_fill_missing_statistics, with_module=True)
+        object.__setattr__(module, _HOOKED_ATTR, True)
+
+
+def _statistics_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(query heads, head size) of an attention module, from its attributes and config."""
+    config = getattr(module, "config", None)
+    heads = None
+    for owner, attr in (
+        (module, "num_heads"),
+        (module, "num_attention_heads"),
+        (config, "num_attention_heads"),
+    ):
+        value = getattr(owner, attr, None)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+            heads = int(value)
+            break
+    dim = None
+    for owner, attr in (
+        (module, "head_dim"),
+        (module, "attention_head_size"),
+        (config, "head_dim"),
+    ):
+        value = getattr(owner, attr, None)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+            dim = int(value)
+            break
+    hidden = getattr(config, "hidden_size", None)
+    if dim is None and heads and isinstance(hidden, numbers.Integral) and hidden % heads == 0:
+        dim = int(hidden) // heads
+    return None if heads is None or dim is None else (heads, dim)
+
+
+def _running(module: nn.Module, heads: int, dim: int, device: Any) -> FeatureStatistics:
+    """The module's running statistics, registered (zero) on first use."""
+    buffers = [module._buffers.get(name) for name in STAT_NAMES]
+    if any(b is None for b in buffers) or module._buffers.get(_COUNT) is None:
+        _register_statistics(module, heads, dim, device)
+        buffers = [module._buffers[name] for name in STAT_NAMES]
+    if tuple(buffers[0].shape) != (heads, dim):
+        raise ValueError(
+            f"the running statistics of {type(module).__name__} have shape "
+            f"{tuple(buffers[0].shape)}, but the attention has {heads} heads of size {dim}"
+        )
+    if buffers[0].device != device:
+        raise ValueError(
+            f"the running statistics of {type(module).__name__} are on {buffers[0].device} but "
+            f"the queries are on {device}: move the whole model with .to()"
+        )
+    return FeatureStatistics(*buffers)
+
+
+@torch.no_grad()
+def _update_statistics(
+    module: nn.Module, query: Tensor, key: Tensor, key_mask: Tensor | None
+) -> None:
+    """One training call's per-head statistics into the module's running ones."""
+    heads, dim = query.shape[1], query.shape[-1]
+    running = _running(module, heads, dim, query.device)
+    keep = None
+    if key_mask is not None:
+        keep = key_mask if key_mask.dtype == torch.bool else key_mask != float("-inf")
+    batch = feature_statistics(query.detach(), key.detach(), key_mask=keep, axis=0)
+    new, count = updated_statistics(
+        tuple(running),
+        module._buffers[_COUNT],
+        tuple(b.reshape(heads, dim) for b in batch),
+        _momentum(module),
+    )
+    for buffer, value in zip(running, new):
+        buffer.copy_(value)
+    module._buffers[_COUNT].copy_(count)
 
 
 def redraw_projections(model: nn.Module, seed: int | None = None) -> int:
@@ -594,11 +749,20 @@ def favorplus_attention_forward(
     groups = heads // kv_heads
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     w = _projection(module, query)
-    kernel = _check_kernel(_setting(module, KERNEL_ATTR, _DEFAULT_KERNEL), f"config.{KERNEL_ATTR}")
+    kernel: Any = _kernel(module)
+    tracking = tracks_statistics(kernel)
     want_weights = bool(kwargs.get("output_attentions", False)) or _recording_attentions()
     cache_layer = kwargs.get(_CACHE_KWARG)
     with torch.autocast(device_type=query.device.type, enabled=False):
         if cache_layer is not None:
+            if tracking:
+                # Decoding: the running statistics as the sequence starts, for all of it.
+                if cache_layer.statistics is None or cache_layer.seen == query.shape[-2]:
+                    running = _running(module, heads, query.shape[-1], query.device)
+                    cache_layer.statistics = FeatureStatistics(
+                        *(r.detach().clone() for r in running)
+                    )
+                kernel = with_statistics(kernel, cache_layer.statistics)
             out = cache_layer.attend(
                 query, key, value, w, attention_mask, kernel, scaling, dropout, want_weights
             )
@@ -614,9 +778,15 @@ def favorplus_attention_forward(
                 f"{sliding} < {key.shape[-2]} keys) in linear time; set the config's "
                 "sliding_window to None for full attention"
             )
+        causal_call = _causal_call(module, attention_mask, is_causal)
         query, key, value, masks = _resolve_mask(
             module, query, key, value, attention_mask, is_causal
         )
+        if tracking and causal_call:
+            # No output may see its own sequence's statistics: the running ones, as they
+            # are before this call (a copy, so that the update below cannot reach them).
+            running = _running(module, heads, query.shape[-1], query.device)
+            kernel = with_statistics(kernel, FeatureStatistics(*(r.clone() for r in running)))
         call = dict(kernel=kernel, scale=scaling, **masks)
         if dropout > 0:
             keep = torch.rand(key.shape[:-1], device=key.device) >= dropout
@@ -628,7 +798,23 @@ def favorplus_attention_forward(
         weights = None
         if want_weights:
             weights = favor_attention_matrix(query, key, w, **call).to(query.dtype)
+        decoding = causal_call and key.shape[-2] > query.shape[-2]  # past keys of a cache
+        if tracking and getattr(module, "training", False) and not decoding:
+            # After the output: this call's outputs never see its own statistics.
+            _update_statistics(module, query, key, masks.get("key_mask"))
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _causal_call(
+    module: nn.Module, mask: FavorMask | Tensor | None, is_causal: bool | None
+) -> bool:
+    """Whether a call is causal for the running statistics: a causal FavorMask, no mask
+    and a causal module, or any other tensor mask (never a leak)."""
+    if isinstance(mask, FavorMask):
+        return mask.causal
+    if mask is None:
+        return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    return True
 
 
 def _resolve_mask(
@@ -716,6 +902,8 @@ class FavorplusCacheLayer(CacheLayerMixin):
         self.state: CausalState | None = None
         self.seen = 0
         self._pending = False
+        # The running statistics of a data-driven estimator, fixed at the first call.
+        self.statistics: FeatureStatistics | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
@@ -754,7 +942,7 @@ class FavorplusCacheLayer(CacheLayerMixin):
         value: Tensor,
         projection: Tensor,
         mask: FavorMask | Tensor | None,
-        kernel: str,
+        kernel: Any,
         scaling: float | None,
         dropout: float,
         want_weights: bool,
@@ -817,6 +1005,7 @@ class FavorplusCacheLayer(CacheLayerMixin):
         self.state = None
         self.seen = 0
         self._pending = False
+        self.statistics = None
 
     def _map_state(self, fn: Callable[[Tensor], Tensor]) -> None:
         if self.state is not None:
@@ -920,13 +1109,20 @@ def performerize(
     num_features: int | None = None,
     seed: int = 0,
     kernel: str = "softmax",
+    kind: str = "orthogonal",
+    statistics_momentum: float | None = 0.1,
 ) -> PreTrainedModel:
     """Make a loaded transformers model use FAVOR+ attention, in place, keeping its weights.
 
-    Sets ``favorplus_num_features``, ``favorplus_seed`` and ``favorplus_kernel`` on
-    every config of the model (saved with it), switches the model and its sub-models
-    to ``attn_implementation="favorplus"`` and drops projections drawn before (they
-    are drawn again on first use from the new settings).
+    Sets ``favorplus_num_features``, ``favorplus_seed``, ``favorplus_kernel``,
+    ``favorplus_projection_kind`` and ``favorplus_statistics_momentum`` on every config
+    of the model (saved with it), switches the model and its sub-models to
+    ``attn_implementation="favorplus"`` and drops projections drawn before (they are
+    drawn again on first use from the new settings). With a data-driven estimator
+    (``"softmax_oprf"``, ``"softmax_saderf"``) it registers the running statistics
+    buffers of every attention module (zero; kept where the module has them already),
+    so that they are in the ``state_dict`` from the start; with another kernel it
+    removes them.
 
     Parameters
     ----------
@@ -936,7 +1132,13 @@ def performerize(
     seed : int
         Seed of the projections; layer i's is drawn from ``(seed, i)``.
     kernel : str
-        One of :data:`favorplus.KERNELS`.
+        One of :data:`favorplus.KERNELS`, or the estimators ``"softmax_oprf"`` (FAVOR++)
+        and ``"softmax_saderf"`` (FAVOR#), which keep running statistics per module.
+    kind : str
+        The projection's law: ``"orthogonal"``, ``"iid"`` or ``"simplex"``.
+    statistics_momentum : float or None
+        Momentum of the running statistics (as BatchNorm's); None: the average of all
+        training calls.
 
     Returns
     -------
@@ -964,11 +1166,15 @@ def performerize(
     num_features = _check_num_features(num_features)
     seed = _check_seed(seed)
     kernel = _check_kernel(kernel)
+    kind = _check_kind(kind)
+    statistics_momentum = _check_momentum(statistics_momentum)
     register()
     for config in _configs(model):
         setattr(config, NUM_FEATURES_ATTR, num_features)
         setattr(config, SEED_ATTR, seed)
         setattr(config, KERNEL_ATTR, kernel)
+        setattr(config, KIND_ATTR, kind)
+        setattr(config, MOMENTUM_ATTR, statistics_momentum)
     model.set_attn_implementation(NAME)
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and module.config._attn_implementation != NAME:
@@ -987,6 +1193,16 @@ def performerize(
             getattr(module, "layer_idx", None), numbers.Integral
         ):
             object.__setattr__(module, _INDEX_ATTR, (1, next(walk)))
+    tracking = tracks_statistics(kernel)
+    for module in model.modules():
+        if not tracking:
+            for name in (*STAT_NAMES, _COUNT):
+                module._buffers.pop(name, None)
+        elif _calls_attention_interface(module) and module._buffers.get(_COUNT) is None:
+            shape = _statistics_shape(module)
+            if shape is not None:  # else registered on the first call
+                ref = next(module.parameters(), None)
+                _register_statistics(module, *shape, None if ref is None else ref.device)
     return model
 
 
