@@ -21,6 +21,13 @@ transformers.
   redraws them.
 * :class:`FavorplusCache` keeps the causal FAVOR+ state of every layer instead of
   keys and values: decoding memory and time per token do not grow with the length.
+* The config's ``favorplus_projection_kind`` chooses the projections' law and
+  ``favorplus_kernel`` may name the data-driven estimators ``"softmax_oprf"`` /
+  ``"softmax_saderf"``: each attention module then keeps running statistics
+  (persistent buffers, the shared logic of :mod:`favorplus._running`) with the
+  semantics of :class:`favorplus.torch.FavorAttention`: bidirectional calls use their
+  own statistics, causal calls and decoding the running ones from before the call,
+  training calls update them after the output, ``eval()`` freezes them.
 * :func:`performerize` converts a loaded model in place, keeping its weights.
 """
 
@@ -698,9 +705,11 @@ def favorplus_attention_forward(
     Parameters
     ----------
     module : torch.nn.Module
-        The calling attention module: it keeps the projection buffer; its ``config``
-        gives ``favorplus_num_features`` / ``favorplus_seed`` / ``favorplus_kernel``
-        and its ``is_causal`` the causality when no mask is given.
+        The calling attention module: it keeps the projection buffer (and the running
+        statistics of a data-driven estimator); its ``config`` gives
+        ``favorplus_num_features`` / ``favorplus_seed`` / ``favorplus_kernel`` /
+        ``favorplus_projection_kind`` / ``favorplus_statistics_momentum`` and its
+        ``is_causal`` the causality when no mask is given.
     query : Tensor, shape (batch, heads, Lq, d)
     key, value : Tensor, shape (batch, kv_heads, Lk, d)
         Grouped-query attention when kv_heads divides heads.
