@@ -99,6 +99,7 @@ SCRIPT_BENCHES = {
     "estimators": "benchmarks/estimators.py",
     "dask_million": "benchmarks/dask_million.py",
     "distributed": "benchmarks/distributed.py",
+    "jax_speed": "benchmarks/jax_speed.py",
 }
 
 
@@ -108,7 +109,8 @@ def bench(session: nox.Session) -> None:
 
     NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
     (benchmarks/paper.py), generate (benchmarks/generate.py), sklearn_kernels
-    (benchmarks/sklearn_kernels.py), estimators (benchmarks/estimators.py); none: all of
+    (benchmarks/sklearn_kernels.py), estimators (benchmarks/estimators.py), jax_speed
+    (benchmarks/jax_speed.py); none: all of
     them. --quick: small sizes (each under a minute, written to benchmarks/results/quick/
     so that committed results stay).
     """
