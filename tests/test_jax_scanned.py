@@ -140,3 +140,13 @@ def test_half_inputs_compute_in_float32(dtype):
         assert got.dtype == jnp.dtype(dtype)
         want = fp.favor_attention(*full, causal=flag).astype(dtype)
         assert np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("kernel", ["softmax_hyperbolic", "softmax_trig", "relu"])
+def test_bidirectional_kernels_match_numpy(kernel):
+    """The other kernels' key passes (shared or no log-features) across several blocks."""
+    q, k, v = _inputs(L_BI, seed=6, heads=1)
+    w = _proj()
+    want = fp.favor_attention(q, k, v, w, kernel=kernel)
+    got = fp.favor_attention(*(jnp.asarray(a) for a in (q, k, v, w)), kernel=kernel)
+    _close(got, want, 1e-9)
