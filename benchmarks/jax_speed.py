@@ -26,7 +26,10 @@ Every ratio is measured in one process with the implementations alternated: each
 times every implementation once, in turn; a ratio is taken within each round and the
 result reports the median ratio and its range over the rounds (this machine is shared:
 its speed changes from second to second), besides each implementation's best time.
-JAX and torch run with their default threads (XLA: all cores, both JAX programs alike).
+JAX and torch run with their default threads (XLA: all cores, both JAX programs alike), or
+with ``--threads 1`` on one thread each (XLA without its multi-threaded Eigen; torch
+``set_num_threads(1)``): on a loaded machine, torch's threads wait for each other much
+more than XLA's, which makes the default-thread JAX / torch ratios flatter JAX.
 """
 
 from __future__ import annotations
@@ -53,6 +56,20 @@ FULL_OUT = HERE / "results"
 QUICK_OUT = HERE / "results" / "quick"
 B, H, D, M = 1, 8, 64, 256
 EPS = 1e-4
+
+
+def _threads_from_argv() -> int:
+    """``--threads N`` (read before jax is imported: XLA reads its flags then)."""
+    argv = sys.argv[1:]
+    return int(argv[argv.index("--threads") + 1]) if "--threads" in argv else 0
+
+
+THREADS = _threads_from_argv()
+if THREADS == 1:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -321,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="rounds at L <= 8192 (fewer above)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--lengths", type=int, nargs="*", default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="1: XLA without its multi-threaded Eigen and torch on one thread (the result\n"
+        "file then ends in -1thread); 0: both libraries' defaults",
+    )
     args = p.parse_args(argv)
     out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
     if args.lengths:
@@ -333,9 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         return args.rounds if L <= 8192 else max(3, args.rounds // 2)
 
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows = bench(lengths, rounds, lambda s: print(s, flush=True))
-    import torch
 
     result = {
         "rows": rows,
@@ -364,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "jax_speed.json"
+    path = out / ("jax_speed-1thread.json" if args.threads == 1 else "jax_speed.json")
     path.write_text(json.dumps(result, indent=1) + "\n")
     for name, g in result["goals"].items():
         per_l = ", ".join(f"{L}: {r:.2f}" for L, r in g["median ratio per L"].items())
