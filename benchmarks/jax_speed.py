@@ -327,7 +327,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         }
         out[name] = {
             "median ratio per L": picked,
-            "met": bool(picked) and max(picked.values()) <= limit,
+            "met": max(picked.values()) <= limit if picked else None,  # None: not measured
         }
     return out
 
@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=1) + "\n")
     for name, g in result["goals"].items():
         per_l = ", ".join(f"{L}: {r:.2f}" for L, r in g["median ratio per L"].items())
-        print(f"{'MET ' if g['met'] else 'NOT '} {name}: {per_l}")
+        verdict = {True: "MET ", False: "NOT ", None: "N/A "}[g["met"]]
+        print(f"{verdict} {name}: {per_l or 'no length in this run'}")
     print(f"written {path}")
     return 0
 
