@@ -100,6 +100,7 @@ SCRIPT_BENCHES = {
     "dask_million": "benchmarks/dask_million.py",
     "distributed": "benchmarks/distributed.py",
     "distributed_torch": "benchmarks/distributed_torch.py",
+    "jax_speed": "benchmarks/jax_speed.py",
 }
 
 
@@ -110,7 +111,8 @@ def bench(session: nox.Session) -> None:
     NAME: bidirectional, causal (benchmarks/run.py), fig2, fig3, fig4, peers
     (benchmarks/paper.py), generate (benchmarks/generate.py), sklearn_kernels
     (benchmarks/sklearn_kernels.py), estimators (benchmarks/estimators.py), dask_million,
-    distributed (8 simulated JAX devices), distributed_torch (gloo processes); none: all of
+    distributed (8 simulated JAX devices), distributed_torch (gloo processes), jax_speed
+    (favorplus on JAX against a paper-style program); none: all of
     them. --quick: small sizes (each under a minute, written to benchmarks/results/quick/
     so that committed results stay).
     """

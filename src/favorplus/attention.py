@@ -9,11 +9,13 @@ from ._backend import (
     Namespace,
     broadcast_shapes,
     call_core,
+    chunk_loop,
     common_namespace,
     device,
     exp,
     is_dask,
     is_jax,
+    scanned_form,
     split,
     stop_gradient,
 )
@@ -37,6 +39,9 @@ from .features import Kernel, KernelLike, feature_parts, resolve_kernel
 from .masks import with_key_bias
 
 __all__ = ["favor_attention", "favor_attention_matrix", "softmax_attention"]
+
+# Block length of the scanned bidirectional form (traced JAX programs on a CPU).
+SCANNED_BLOCK = 256
 
 
 def _favor_core(
@@ -65,7 +70,11 @@ def _favor_core(
         out = _causal_aligned(xp, qc, kc, vc, w, key_mask, bias, kern, scale, batch, chunk)
     else:
         block = block_length(qc, batch, kern, w)
-        if block is None or block >= max(qc.shape[-2], kc.shape[-2]):
+        if scanned_form(qc):
+            out = _scanned_bidirectional(
+                xp, qc, kc, vc, w, key_mask, kern, scale, SCANNED_BLOCK, bias
+            )
+        elif block is None or block >= max(qc.shape[-2], kc.shape[-2]):
             qparts, kparts = _parts(xp, scale, qc, kc, w, kern, bias)
             qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
             out = _linear_attention(xp, qf, kf, vc)
@@ -120,6 +129,68 @@ def _take(x: Array, start: int, stop: int, axis: int) -> Array:
     return x[(..., slice(start, stop), *after)]
 
 
+def _key_block(
+    xp: Namespace,
+    w: Array | None,
+    kern: Kernel,
+    scale: float,
+    kb: Array,
+    vb: Array,
+    mb: Array | None,
+    bb: Array | None,
+    top: Array | None,
+    state: Array | None,
+) -> tuple[Array | None, Array, bool]:
+    """Fold one block of keys into (running per-feature maximum, state): the key pass
+    of the blocked bidirectional form (``top`` and ``state`` None before the first
+    block); returns the new maximum, state and whether the log-features are shared."""
+    kparts = with_key_bias(xp, feature_parts(xp, kb, w, kern, scale, row_constants=True), bb)
+    mask = None if mb is None else mb[..., None]
+    factor = None
+    if kparts.log is None:
+        kf = kparts.sign if mask is None else xp.where(mask, kparts.sign, 0.0)
+    else:
+        masked = kparts.log if mask is None else xp.where(mask, kparts.log, NEG_INF)
+        new = xp.max(stop_gradient(masked), axis=-2, keepdims=True)
+        if top is not None:
+            new = xp.maximum(new, top)
+        safe = xp.where(xp.isfinite(new), new, 0.0)
+        if top is not None:
+            old = xp.where(xp.isfinite(top), top, 0.0)
+            factor = xp.where(xp.isfinite(top), xp.exp(old - safe), 0.0)
+        top = new
+        kf = exp(xp, below(xp, masked, safe, owned=True), owned=True)
+        if kparts.sign is not None:
+            kf = kparts.sign * kf
+    part = _key_state(xp, kf, vb)
+    if state is not None:
+        if factor is not None:
+            state = state * xp.matrix_transpose(factor)
+        part = state + part
+    return top, part, kparts.shared
+
+
+def _query_block(
+    xp: Namespace,
+    w: Array | None,
+    kern: Kernel,
+    scale: float,
+    qb: Array,
+    shift: Array | None,
+    state: Array,
+) -> Array:
+    """Outputs of one block of queries from the final key state (the query pass)."""
+    qparts = feature_parts(xp, qb, w, kern, scale, row_constants=False)
+    return _read_state(xp, query_features(xp, qparts, shift), state)
+
+
+def _final_shift(xp: Namespace, top: Array | None, shared: bool) -> Array | None:
+    """The key pass's final maximum, moved onto the query side (None: nothing to move)."""
+    if top is None or shared:
+        return None
+    return xp.where(xp.isfinite(top), top, 0.0)
+
+
 def _blocked_attention(
     xp: Namespace,
     q: Array,
@@ -139,45 +210,6 @@ def _blocked_attention(
     (online-softmax style), so every exponent stays <= 0; the final maximum is then
     moved onto the query side exactly as in one pass.
     """
-
-    def key_block(
-        kb: Array,
-        vb: Array,
-        mb: Array | None,
-        bb: Array | None,
-        top: Array | None,
-        state: Array | None,
-    ) -> tuple[Array | None, Array, bool]:
-        """Fold one block of keys into (running maximum, state)."""
-        kparts = with_key_bias(xp, feature_parts(xp, kb, w, kern, scale, row_constants=True), bb)
-        mask = None if mb is None else mb[..., None]
-        factor = None
-        if kparts.log is None:
-            kf = kparts.sign if mask is None else xp.where(mask, kparts.sign, 0.0)
-        else:
-            masked = kparts.log if mask is None else xp.where(mask, kparts.log, NEG_INF)
-            new = xp.max(stop_gradient(masked), axis=-2, keepdims=True)
-            if top is not None:
-                new = xp.maximum(new, top)
-            safe = xp.where(xp.isfinite(new), new, 0.0)
-            if top is not None:
-                old = xp.where(xp.isfinite(top), top, 0.0)
-                factor = xp.where(xp.isfinite(top), xp.exp(old - safe), 0.0)
-            top = new
-            kf = exp(xp, below(xp, masked, safe, owned=True), owned=True)
-            if kparts.sign is not None:
-                kf = kparts.sign * kf
-        part = _key_state(xp, kf, vb)
-        if state is not None:
-            if factor is not None:
-                state = state * xp.matrix_transpose(factor)
-            part = state + part
-        return top, part, kparts.shared
-
-    def query_block(qb: Array, shift: Array | None, state: Array) -> Array:
-        qparts = feature_parts(xp, qb, w, kern, scale, row_constants=False)
-        return _read_state(xp, query_features(xp, qparts, shift), state)
-
     top = None  # running per-feature maximum of the key log-features, (..., 1, Mk)
     state = None  # (..., M, dv + 1), relative to top
     shared = False
@@ -186,12 +218,10 @@ def _blocked_attention(
     masks = nothing if key_mask is None else split(key_mask, block, -1)
     biases = nothing if key_bias is None else split(key_bias, block, -1)
     for kb, vb, mb, bb in zip(*pieces, masks, biases):
-        top, state, shared = key_block(kb, vb, mb, bb, top, state)
+        top, state, shared = _key_block(xp, w, kern, scale, kb, vb, mb, bb, top, state)
     assert state is not None
-    shift = None
-    if top is not None and not shared:
-        shift = xp.where(xp.isfinite(top), top, 0.0)
-    outs = [query_block(qb, shift, state) for qb in split(q, block, -2)]
+    shift = _final_shift(xp, top, shared)
+    outs = [_query_block(xp, w, kern, scale, qb, shift, state) for qb in split(q, block, -2)]
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=-2)
 
 
@@ -235,6 +265,41 @@ def _explicit_sequence_call(
         )  # fmt: skip
 
     return sequence_shard_map(call, seq_axis, arrays)
+
+
+def _scanned_bidirectional(
+    xp: Namespace,
+    q: Array,
+    k: Array,
+    v: Array,
+    w: Array | None,
+    key_mask: Array | None,
+    kern: Kernel,
+    scale: float,
+    block: int,
+    key_bias: Array | None = None,
+) -> Array:
+    """:func:`_blocked_attention` in a traced JAX program on a CPU: each pass one
+    ``lax.scan`` over blocks (:func:`chunk_loop`), whose temporaries stay block-sized
+    (no L x m array stored)."""
+    shared = []
+
+    def key_step(carry: Any, chunks: list[Array | None]) -> tuple[Any, None]:
+        top, state = (None, None) if carry is None else carry
+        top, state, flag = _key_block(xp, w, kern, scale, *chunks, top, state)
+        shared.append(flag)
+        return (top, state), None
+
+    (top, state), _ = chunk_loop(
+        key_step, None, [k, v, key_mask, key_bias], [-2, -2, -1, -1], block
+    )
+    shift = _final_shift(xp, top, shared[0])
+
+    def query_step(carry: Any, chunks: list[Array | None]) -> tuple[Any, Array]:
+        return carry, _query_block(xp, w, kern, scale, chunks[0], shift, state)
+
+    _, out = chunk_loop(query_step, (), [q], [-2], block)
+    return out
 
 
 def favor_attention(

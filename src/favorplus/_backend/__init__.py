@@ -47,7 +47,7 @@ from .namespaces import (
     require,
 )
 from .recompute import _keep, _never, recompute
-from .scan import chunk_scan, cumulative_max, split, unstack
+from .scan import chunk_loop, chunk_scan, cumulative_max, split, unstack
 from .shapes import broadcast_shapes
 from .tracing import (
     _functorch_active,
@@ -56,6 +56,7 @@ from .tracing import (
     is_traced,
     needs_grad,
     on_accelerator,
+    scanned_form,
     stop_gradient,
 )
 from .types import Array, Namespace

@@ -77,3 +77,18 @@ def host_readable(x: Array) -> bool:
     if is_dask(x):
         return False
     return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_traced(x))
+
+
+def scanned_form(x: Array) -> bool:
+    """True for arrays of a traced JAX program that runs on a CPU: there the causal
+    recurrence runs as one ``lax.scan`` over the chunks whose step does a whole chunk's
+    work on chunk-sized temporaries (cache-resident; no L x m array stored). On GPUs the
+    chunks are processed side by side instead (few, large kernels)."""
+    if not (is_jax(x) and is_traced(x)):
+        return False
+    dev = device(x)
+    if dev is not None:
+        return getattr(dev, "platform", None) == "cpu"
+    import jax
+
+    return bool(jax.default_backend() == "cpu")

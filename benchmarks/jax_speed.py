@@ -1,0 +1,405 @@
+"""favorplus on JAX against a paper-style JAX program, and against favorplus's own torch path.
+
+    python benchmarks/jax_speed.py            # full run: benchmarks/results/jax_speed.json
+    python benchmarks/jax_speed.py --quick    # small sizes, under a minute: results/quick/
+
+Batch 1, 8 heads, d = dv = 64, m = 256 features, float32, the same projection (drawn by
+:func:`favorplus.draw_projection`) for every implementation, on ``jax.devices()[0]`` (the
+GPU when JAX has one, else the CPU). Bidirectional and causal, forward and forward +
+backward (``jax.grad`` of the output's sum with respect to q, k and v), L = 1024 to 32768.
+
+**paper-style**: a JAX program written for this benchmark from the algorithm of the
+Performer paper's public JAX code (not a copy of it): positive features
+``m^-1/2 (exp(W x' - |x'|^2 / 2 - max) + 1e-4)`` with ``x' = d^-1/4 x``, the maximum taken
+per row for queries and over the whole array for keys (a global key maximum: it leaks
+the future into causal outputs, which favorplus does not); bidirectional attention by
+einsums (the key-value state, then the queries' products; the normaliser likewise);
+causal attention by a ``lax.scan`` over the tokens carrying the prefix sums (one scan for
+the numerator, one for the normaliser), each under a ``jax.custom_vjp`` whose backward
+pass rescans the tokens in reverse, subtracting the sums back.
+
+**favorplus**: ``jax.jit`` of :func:`favorplus.favor_attention` (the default chunk length
+and kernel), and, for the goal "JAX within 1.5x of torch", the eager torch forward of
+the same call under ``torch.no_grad()``.
+
+Every ratio is measured in one process with the implementations alternated: each round
+times every implementation once, in turn; a ratio is taken within each round and the
+result reports the median ratio and its range over the rounds (this machine is shared:
+its speed changes from second to second), besides each implementation's best time.
+JAX and torch run with their default threads (XLA: all cores, both JAX programs alike), or
+with ``--threads 1`` on one thread each (XLA without its multi-threaded Eigen; torch
+``set_num_threads(1)``): on a loaded machine, torch's threads wait for each other much
+more than XLA's, which makes the default-thread JAX / torch ratios flatter JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+FULL_OUT = HERE / "results"
+QUICK_OUT = HERE / "results" / "quick"
+B, H, D, M = 1, 8, 64, 256
+EPS = 1e-4
+
+
+def _threads_from_argv() -> int:
+    """``--threads N`` (read before jax is imported: XLA reads its flags then)."""
+    argv = sys.argv[1:]
+    return int(argv[argv.index("--threads") + 1]) if "--threads" in argv else 0
+
+
+THREADS = _threads_from_argv()
+if THREADS == 1:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+# ----------------------------------------------------------------------------------
+# The paper-style program (layout: length first, as the paper's code scans over it).
+
+
+def paper_features(x: jax.Array, w: jax.Array, *, query: bool) -> jax.Array:
+    """Positive random features of x (L, B, H, d) with the paper's stabilizer and epsilon."""
+    d = x.shape[-1]
+    norm = d**-0.25
+    proj = jnp.einsum("lbhd,md->lbhm", norm * x, w)
+    half_sq = 0.5 * norm**2 * jnp.sum(x * x, axis=-1, keepdims=True)
+    if query:
+        top = jnp.max(proj, axis=-1, keepdims=True)
+    else:
+        top = jnp.max(proj)  # over every key of every head: a global maximum
+    top = jax.lax.stop_gradient(top)
+    return (jnp.exp(proj - half_sq - top) + EPS) / math.sqrt(w.shape[0])
+
+
+def _outer_step(s: jax.Array, kv: tuple[jax.Array, ...]) -> jax.Array:
+    k, v = kv
+    return s + k[..., :, None] * v[..., None, :]
+
+
+@jax.custom_vjp
+def paper_causal_numerator(qf: jax.Array, kf: jax.Array, v: jax.Array) -> jax.Array:
+    """``out_t = qf_t . sum_{j <= t} kf_j v_j^T`` by a scan over the tokens (axis 0)."""
+    return _numerator_fwd(qf, kf, v)[0]
+
+
+def _numerator_fwd(qf, kf, v):
+    def step(s, xs):
+        q, k, vv = xs
+        s = _outer_step(s, (k, vv))
+        return s, jnp.einsum("bhm,bhmd->bhd", q, s)
+
+    s0 = jnp.zeros((*kf.shape[1:], v.shape[-1]), kf.dtype)
+    final, out = jax.lax.scan(step, s0, (qf, kf, v))
+    return out, (qf, kf, v, final)
+
+
+def _numerator_bwd(res, g):
+    qf, kf, v, final = res
+
+    def step(carry, xs):
+        s, acc = carry  # s: sum through t; acc: sum_{i >= t} qf_i g_i^T
+        q, k, vv, gt = xs
+        dq = jnp.einsum("bhmd,bhd->bhm", s, gt)
+        acc = acc + q[..., :, None] * gt[..., None, :]
+        dk = jnp.einsum("bhmd,bhd->bhm", acc, vv)
+        dv = jnp.einsum("bhmd,bhm->bhd", acc, k)
+        s = s - k[..., :, None] * vv[..., None, :]
+        return (s, acc), (dq, dk, dv)
+
+    _, (dq, dk, dv) = jax.lax.scan(
+        step, (final, jnp.zeros_like(final)), (qf, kf, v, g), reverse=True
+    )
+    return dq, dk, dv
+
+
+paper_causal_numerator.defvjp(_numerator_fwd, _numerator_bwd)
+
+
+@jax.custom_vjp
+def paper_causal_denominator(qf: jax.Array, kf: jax.Array) -> jax.Array:
+    """``den_t = qf_t . sum_{j <= t} kf_j`` by a scan over the tokens (axis 0)."""
+    return _denominator_fwd(qf, kf)[0]
+
+
+def _denominator_fwd(qf, kf):
+    def step(s, xs):
+        q, k = xs
+        s = s + k
+        return s, jnp.sum(q * s, axis=-1)
+
+    final, out = jax.lax.scan(step, jnp.zeros(kf.shape[1:], kf.dtype), (qf, kf))
+    return out, (qf, kf, final)
+
+
+def _denominator_bwd(res, g):
+    qf, kf, final = res
+
+    def step(carry, xs):
+        s, acc = carry
+        q, k, gt = xs
+        dq = s * gt[..., None]
+        acc = acc + q * gt[..., None]
+        return (s - k, acc), (dq, acc)
+
+    _, (dq, dk) = jax.lax.scan(step, (final, jnp.zeros_like(final)), (qf, kf, g), reverse=True)
+    return dq, dk
+
+
+paper_causal_denominator.defvjp(_denominator_fwd, _denominator_bwd)
+
+
+def paper_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, *, causal: bool
+) -> jax.Array:
+    """Paper-style FAVOR+ of (B, H, L, d) inputs; returns (B, H, L, dv)."""
+    q, k, v = (jnp.moveaxis(x, 2, 0) for x in (q, k, v))  # (L, B, H, .)
+    qf = paper_features(q, w, query=True)
+    kf = paper_features(k, w, query=False)
+    if causal:
+        num = paper_causal_numerator(qf, kf, v)
+        den = paper_causal_denominator(qf, kf)
+    else:
+        kv = jnp.einsum("lbhm,lbhd->bhmd", kf, v)
+        num = jnp.einsum("lbhm,bhmd->lbhd", qf, kv)
+        den = jnp.einsum("lbhm,bhm->lbh", qf, jnp.sum(kf, axis=0))
+    return jnp.moveaxis(num / den[..., None], 0, 2)
+
+
+# ----------------------------------------------------------------------------------
+# The programs under test.
+
+
+def arrays(L: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    return tuple(
+        (rng.standard_normal((B, H, L, D)) * s).astype(np.float32) for s in (0.35, 0.35, 1.0)
+    )
+
+
+def jax_program(impl: str, L: int, *, causal: bool, grad: bool) -> Callable[[], Any]:
+    """A zero-argument callable running a jitted program on fixed device arrays."""
+    import favorplus as fp
+
+    dev = jax.devices()[0]
+    q, k, v = (jax.device_put(a, dev) for a in arrays(L))
+    w = jax.device_put(fp.draw_projection(M, D, seed=1, dtype=np.float32), dev)
+    if impl == "favorplus-jax":
+
+        def attend(q, k, v, w):
+            return fp.favor_attention(q, k, v, w, causal=causal)
+    elif impl == "paper-style-jax":
+        attend = functools.partial(paper_attention, causal=causal)
+    else:
+        raise ValueError(impl)
+    if grad:
+        fn = jax.jit(jax.grad(lambda q, k, v, w: jnp.sum(attend(q, k, v, w)), argnums=(0, 1, 2)))
+    else:
+        fn = jax.jit(attend)
+
+    def run() -> Any:
+        return jax.block_until_ready(fn(q, k, v, w))
+
+    return run
+
+
+def torch_program(L: int, *, causal: bool) -> Callable[[], Any]:
+    """favorplus's eager torch forward on the same inputs and projection."""
+    import torch
+
+    import favorplus as fp
+
+    q, k, v = (torch.from_numpy(a) for a in arrays(L))
+    w = torch.from_numpy(fp.draw_projection(M, D, seed=1, dtype=np.float32))
+
+    def run() -> Any:
+        with torch.no_grad():
+            return fp.favor_attention(q, k, v, w, causal=causal)
+
+    return run
+
+
+def alternated(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Each function's time in each of ``rounds`` rounds that run them in turn (after one
+    warm-up call each, which also compiles)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median and range of the per-round ratios num / den."""
+    r = sorted(a / b for a, b in zip(num, den))
+    return {"median": r[len(r) // 2], "min": r[0], "max": r[-1]}
+
+
+def bench(lengths: list[int], rounds: Callable[[int], int], log: Callable[[str], None]) -> list:
+    rows = []
+    for L in lengths:
+        for causal in (False, True):
+            mode = "causal" if causal else "bidirectional"
+            # Forward: both JAX programs and torch's forward, alternated.
+            fns = {
+                "favorplus-jax": jax_program("favorplus-jax", L, causal=causal, grad=False),
+                "paper-style-jax": jax_program("paper-style-jax", L, causal=causal, grad=False),
+            }
+            on_cpu = jax.devices()[0].platform == "cpu"
+            if on_cpu:
+                fns["favorplus-torch"] = torch_program(L, causal=causal)
+            t = alternated(fns, rounds(L))
+            row: dict[str, Any] = {"L": L, "mode": mode, "pass": "fwd"}
+            row["best_s"] = {name: min(ts) for name, ts in t.items()}
+            row["favorplus/paper-style"] = ratio_stats(t["favorplus-jax"], t["paper-style-jax"])
+            if on_cpu:
+                row["jax/torch (favorplus)"] = ratio_stats(t["favorplus-jax"], t["favorplus-torch"])
+            rows.append(row)
+            log(_line(row))
+            del fns, t
+            # Forward + backward: the two JAX programs.
+            fns = {
+                name: jax_program(name, L, causal=causal, grad=True)
+                for name in ("favorplus-jax", "paper-style-jax")
+            }
+            t = alternated(fns, rounds(L))
+            row = {"L": L, "mode": mode, "pass": "fwd+bwd"}
+            row["best_s"] = {name: min(ts) for name, ts in t.items()}
+            row["favorplus/paper-style"] = ratio_stats(t["favorplus-jax"], t["paper-style-jax"])
+            rows.append(row)
+            log(_line(row))
+            del fns, t
+    return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    best = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in row["best_s"].items())
+    parts = [f"L={row['L']:>5} {row['mode']:>13} {row['pass']:>7}: {best}"]
+    for key in ("favorplus/paper-style", "jax/torch (favorplus)"):
+        if key in row:
+            s = row[key]
+            parts.append(f"{key} {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]")
+    return "; ".join(parts)
+
+
+PS, JT = "favorplus/paper-style", "jax/torch (favorplus)"
+GOALS = {
+    "bidirectional fwd <= 0.7x paper-style at L >= 4096": ("bidirectional", "fwd", 4096, PS, 0.7),
+    "causal fwd <= 0.8x paper-style at L >= 1024": ("causal", "fwd", 1024, PS, 0.8),
+    "causal fwd+bwd <= 0.3x paper-style": ("causal", "fwd+bwd", 0, PS, 0.3),
+    "bidirectional fwd: JAX <= 1.5x torch": ("bidirectional", "fwd", 0, JT, 1.5),
+    "causal fwd: JAX <= 1.5x torch": ("causal", "fwd", 0, JT, 1.5),
+}
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each goal: the median ratios it covers (per L) and whether all of them meet it."""
+    out = {}
+    for name, (mode, pss, min_l, key, limit) in GOALS.items():
+        picked = {
+            r["L"]: r[key]["median"]
+            for r in rows
+            if r["mode"] == mode and r["pass"] == pss and r["L"] >= min_l and key in r
+        }
+        out[name] = {
+            "median ratio per L": picked,
+            "met": max(picked.values()) <= limit if picked else None,  # None: not measured
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="L = 1024 only, 3 rounds")
+    p.add_argument("--rounds", type=int, default=7, help="rounds at L <= 8192 (fewer above)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--lengths", type=int, nargs="*", default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="1: XLA without its multi-threaded Eigen and torch on one thread (the result\n"
+        "file then ends in -1thread); 0: both libraries' defaults",
+    )
+    args = p.parse_args(argv)
+    out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
+    if args.lengths:
+        lengths = args.lengths
+    else:
+        lengths = [1024] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+
+    def rounds(L: int) -> int:
+        if args.quick:
+            return 3
+        return args.rounds if L <= 8192 else max(3, args.rounds // 2)
+
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows = bench(lengths, rounds, lambda s: print(s, flush=True))
+
+    result = {
+        "rows": rows,
+        "goals": goals(rows),
+        "meta": {
+            "command": " ".join(["python", "benchmarks/jax_speed.py", *sys.argv[1:]]),
+            "quick": args.quick,
+            "batch": B,
+            "heads": H,
+            "d": D,
+            "m": M,
+            "dtype": "float32",
+            "device": str(jax.devices()[0]),
+            "cpu_count": os.cpu_count(),
+            "loadavg_at_start": os.getloadavg()[0],
+            "torch_threads": torch.get_num_threads(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "versions": {
+                "python": platform.python_version(),
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+            },
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("jax_speed-1thread.json" if args.threads == 1 else "jax_speed.json")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    for name, g in result["goals"].items():
+        per_l = ", ".join(f"{L}: {r:.2f}" for L, r in g["median ratio per L"].items())
+        verdict = {True: "MET ", False: "NOT ", None: "N/A "}[g["met"]]
+        print(f"{verdict} {name}: {per_l or 'no length in this run'}")
+    print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
