@@ -740,6 +740,25 @@ class FavorAttention(nn.Module):
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
+    def _batch_first(
+        self, query: Tensor, key: Tensor, value: Tensor, batched: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """query, key and value as (batch, length, features), their feature sizes checked."""
+        if not batched:
+            query, key, value = query[None], key[None], value[None]
+        elif not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        for name, x, size in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if x.shape[-1] != size:
+                raise ValueError(
+                    f"{name} must have {size} features (last axis); got shape {tuple(x.shape)}"
+                )
+        return query, key, value
+
     def forward(
         self,
         query: Tensor,
@@ -818,20 +837,7 @@ class FavorAttention(nn.Module):
                 "query, key and value must all be batched (3-D) or all unbatched (2-D); got "
                 f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
-        if not batched:
-            query, key, value = query[None], key[None], value[None]
-        elif not self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        # Now (batch, length, features).
-        for name, x, size in (
-            ("query", query, self.embed_dim),
-            ("key", key, self.kdim),
-            ("value", value, self.vdim),
-        ):
-            if x.shape[-1] != size:
-                raise ValueError(
-                    f"{name} must have {size} features (last axis); got shape {tuple(x.shape)}"
-                )
+        query, key, value = self._batch_first(query, key, value, batched)
         if key.shape[:2] != value.shape[:2] or query.shape[0] != key.shape[0]:
             raise ValueError(
                 "query, key and value must have the same batch size, and key and value the "
@@ -971,19 +977,7 @@ class FavorAttention(nn.Module):
                 f"(the next tokens); got query {tuple(query.shape)}, key {tuple(key.shape)}, "
                 f"value {tuple(value.shape)}"
             )
-        if not batched:
-            query, key, value = query[None], key[None], value[None]
-        elif not self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        for name, x, size in (
-            ("query", query, self.embed_dim),
-            ("key", key, self.kdim),
-            ("value", value, self.vdim),
-        ):
-            if x.shape[-1] != size:
-                raise ValueError(
-                    f"{name} must have {size} features (last axis); got shape {tuple(x.shape)}"
-                )
+        query, key, value = self._batch_first(query, key, value, batched)
         n, steps = query.shape[0], query.shape[1]
         h, d = self.num_heads, self.head_dim
         q, k, v = self._in_projections(query, key, value)
