@@ -22,17 +22,41 @@ nox.options.reuse_existing_virtualenvs = True
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 
-# backend -> (extras, environment)
+# backend -> (extras, environment). FAVORPLUS_TEST_BACKENDS (tests/conftest.py): the xp
+# fixture's backends in that session, so that each backend's parametrizations run in one
+# session only (numpy is installed everywhere, but its parametrizations run in tests-numpy).
 BACKENDS = {
     # favorplus.sklearn's tests run on numpy, strict, torch and cupy; SCIPY_ARRAY_API=1 lets
     # scikit-learn dispatch to the array API (sklearn.set_config(array_api_dispatch=True)).
     # tests/test_dask.py (favorplus on dask arrays) runs in the numpy session.
-    "numpy": ("test,sklearn,dask", {"SCIPY_ARRAY_API": "1"}),
-    "strict": ("test,strict,sklearn", {"SCIPY_ARRAY_API": "1"}),
-    "torch": ("test,torch,transformers,sklearn", {"SCIPY_ARRAY_API": "1"}),
-    # JAX compiles per shape: fewer Hypothesis examples keep the session short.
-    "jax": ("test,jax,flax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
-    "cupy": ("test,cupy,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    "numpy": (
+        "test,sklearn,dask",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "numpy"},
+    ),
+    "strict": (
+        "test,strict,sklearn",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "array_api_strict"},
+    ),
+    "torch": (
+        "test,torch,transformers,sklearn",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "torch,torch-cuda"},
+    ),
+    # JAX compiles per shape: fewer Hypothesis examples keep the session short, and the
+    # compiled programs are kept on disk (JAX's persistent compilation cache, under
+    # .nox/.cache/jax), so that a second run of the session skips most compilations.
+    "jax": (
+        "test,jax,flax",
+        {
+            "FAVORPLUS_HYPOTHESIS_EXAMPLES": "8",
+            "FAVORPLUS_TEST_BACKENDS": "jax,jax-gpu",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+        },
+    ),
+    "cupy": (
+        "test,cupy,sklearn",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "cupy"},
+    ),
 }
 
 
@@ -53,7 +77,10 @@ def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
         # while JAX compiles or a test waits on a subprocess. `nox -s tests-numpy -- -n 0`
         # runs in one process.
         workers = [] if any(a.startswith("-n") for a in session.posargs) else ["-n", "2"]
-        session.run("python", "-m", "pytest", *workers, *session.posargs, env=env)
+        run_env = dict(env)
+        if backend == "jax":
+            run_env["JAX_COMPILATION_CACHE_DIR"] = str(session.cache_dir / "jax")
+        session.run("python", "-m", "pytest", *workers, *session.posargs, env=run_env)
 
     tests.__doc__ = f"Run the test suite with only {backend} installed."
 
