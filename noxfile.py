@@ -38,8 +38,10 @@ BACKENDS = {
         "test,strict,sklearn",
         {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "array_api_strict"},
     ),
+    # gpu (Triton): tests/test_triton.py and the fused kernels' doctests run here under
+    # Triton's interpreter, in the same environment (one torch install less in the matrix).
     "torch": (
-        "test,torch,transformers,sklearn",
+        "test,torch,transformers,sklearn,gpu",
         {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "torch,torch-cuda"},
     ),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short, and the
@@ -109,9 +111,10 @@ for _name, (_extras, _env) in BACKENDS.items():
     _make_test_session(_name, _extras, _env)
 
 
-@nox.session(name="tests-triton", tags=["tests"])
+@nox.session(name="tests-triton")
 def tests_triton(session: nox.Session) -> None:
-    """The fused Triton kernels under Triton's interpreter (CPU tensors; no GPU needed)."""
+    """The fused Triton kernels alone under Triton's interpreter (CPU tensors; no GPU
+    needed). In the matrix (`nox -t tests`) they run in tests-torch."""
     session.install(*CONSTRAINTS, "-e", ".[test,torch,gpu]")
     paths = ["tests/test_triton.py", "src/favorplus/_fastpath.py", "src/favorplus/_triton"]
     # Posargs that name tests replace the paths; options alone (e.g. `-m slow`) keep them.
