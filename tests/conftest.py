@@ -207,3 +207,12 @@ def xp(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture(scope="session")
 def numpy_backend() -> Backend:
     return _make("numpy")
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
+    """A test skipped because its framework is not installed (``pytest.importorskip``)
+    prints no ``s`` in the progress line: the header names the missing backends once, and
+    the closing line still counts every skip."""
+    if report.skipped and "could not import" in str(report.longrepr):
+        return "skipped", "", "SKIPPED"
+    return None
