@@ -1,7 +1,8 @@
 """nox sessions: one test session per backend (each with only that backend installed),
 lint, the demo and the benchmarks.
 
-    nox -t tests             # the whole backend test matrix (what CI runs)
+    nox -t tests             # the whole backend test matrix (what CI runs), without `slow`
+    nox -t tests -- -m slow  # the long statistical runs (CI runs them after the matrix)
     nox -s tests-torch       # one backend
     nox -s lint
     nox -s bench -- --quick  # every benchmark, quick mode (what CI runs)
@@ -22,22 +23,55 @@ nox.options.reuse_existing_virtualenvs = True
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 
-# backend -> (extras, environment)
+# backend -> (extras, environment). FAVORPLUS_TEST_BACKENDS (tests/conftest.py): the xp
+# fixture's backends in that session, so that each backend's parametrizations run in one
+# session only (numpy is installed everywhere, but its parametrizations run in tests-numpy).
 BACKENDS = {
     # favorplus.sklearn's tests run on numpy, strict, torch and cupy; SCIPY_ARRAY_API=1 lets
     # scikit-learn dispatch to the array API (sklearn.set_config(array_api_dispatch=True)).
     # tests/test_dask.py (favorplus on dask arrays) runs in the numpy session.
-    "numpy": ("test,sklearn,dask", {"SCIPY_ARRAY_API": "1"}),
-    "strict": ("test,strict,sklearn", {"SCIPY_ARRAY_API": "1"}),
-    "torch": ("test,torch,transformers,sklearn", {"SCIPY_ARRAY_API": "1"}),
-    # JAX compiles per shape: fewer Hypothesis examples keep the session short.
-    "jax": ("test,jax,flax", {"FAVORPLUS_HYPOTHESIS_EXAMPLES": "8"}),
-    "cupy": ("test,cupy,sklearn", {"SCIPY_ARRAY_API": "1"}),
+    "numpy": (
+        "test,sklearn,dask",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "numpy"},
+    ),
+    "strict": (
+        "test,strict,sklearn",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "array_api_strict"},
+    ),
+    # gpu (Triton): tests/test_triton.py and the fused kernels' doctests run here under
+    # Triton's interpreter, in the same environment (one torch install less in the matrix).
+    "torch": (
+        "test,torch,transformers,sklearn,gpu",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "torch,torch-cuda"},
+    ),
+    # JAX compiles per shape: fewer Hypothesis examples keep the session short, and the
+    # compiled programs are kept on disk (JAX's persistent compilation cache, under
+    # .nox/.cache/jax), so that a second run of the session skips most compilations.
+    "jax": (
+        "test,jax,flax",
+        {
+            "FAVORPLUS_HYPOTHESIS_EXAMPLES": "8",
+            "FAVORPLUS_TEST_BACKENDS": "jax,jax-gpu",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+        },
+    ),
+    "cupy": (
+        "test,cupy,sklearn",
+        {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "cupy"},
+    ),
 }
 
 
 def _has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
+
+
+def _marker_args(posargs: list[str]) -> list[str]:
+    """``-m "not slow"`` unless the caller chose markers: the long statistical runs (marked
+    ``slow``) are left to `nox -t tests -- -m slow`, which CI (.ci/run) runs too."""
+    chosen = any(a == "-m" or (a.startswith("-m") and not a.startswith("--")) for a in posargs)
+    return [] if chosen else ["-m", "not slow"]
 
 
 def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
@@ -53,7 +87,22 @@ def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
         # while JAX compiles or a test waits on a subprocess. `nox -s tests-numpy -- -n 0`
         # runs in one process.
         workers = [] if any(a.startswith("-n") for a in session.posargs) else ["-n", "2"]
-        session.run("python", "-m", "pytest", *workers, *session.posargs, env=env)
+        run_env = dict(env)
+        if backend == "jax":
+            run_env["JAX_COMPILATION_CACHE_DIR"] = str(session.cache_dir / "jax")
+        # With markers chosen (`-- -m slow`), exit code 5 (no test selected) is a pass: some
+        # sessions have no slow test.
+        marked = not _marker_args(session.posargs)
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            *workers,
+            *_marker_args(session.posargs),
+            *session.posargs,
+            env=run_env,
+            success_codes=[0, 5] if marked else [0],
+        )
 
     tests.__doc__ = f"Run the test suite with only {backend} installed."
 
@@ -62,13 +111,19 @@ for _name, (_extras, _env) in BACKENDS.items():
     _make_test_session(_name, _extras, _env)
 
 
-@nox.session(name="tests-triton", tags=["tests"])
+@nox.session(name="tests-triton")
 def tests_triton(session: nox.Session) -> None:
-    """The fused Triton kernels under Triton's interpreter (CPU tensors; no GPU needed)."""
+    """The fused Triton kernels alone under Triton's interpreter (CPU tensors; no GPU
+    needed). In the matrix (`nox -t tests`) they run in tests-torch."""
     session.install(*CONSTRAINTS, "-e", ".[test,torch,gpu]")
-    paths = ("tests/test_triton.py", "src/favorplus/_fastpath.py", "src/favorplus/_triton")
+    paths = ["tests/test_triton.py", "src/favorplus/_fastpath.py", "src/favorplus/_triton"]
+    # Posargs that name tests replace the paths; options alone (e.g. `-m slow`) keep them.
+    if any(a.startswith(("tests", "src")) for a in session.posargs):
+        paths = []
     env = {"TRITON_INTERPRET": "1"}
-    session.run("python", "-m", "pytest", *(session.posargs or paths), env=env)
+    args = [*_marker_args(session.posargs), *session.posargs, *paths]
+    marked = not _marker_args(session.posargs)
+    session.run("python", "-m", "pytest", *args, env=env, success_codes=[0, 5] if marked else [0])
 
 
 @nox.session(tags=["lint"])

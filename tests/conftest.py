@@ -1,15 +1,19 @@
 """One ``xp`` fixture over every backend and device that this machine has.
 
 Backends: numpy, array-api-strict, torch (CPU, and CUDA where a GPU is present),
-jax (CPU, and GPU where present), cupy (GPU only). A backend that is not installed,
-or a device that is missing, is skipped cleanly, so each nox session proves the
-suite on the backends it installed.
+jax (CPU, and GPU where present), cupy (GPU only). A backend that is not installed, or a
+GPU backend on a machine without an NVIDIA GPU, gets no parametrization at all: the test
+header names it once (``backends under test: ...``) instead of one skip per test.
+``FAVORPLUS_TEST_BACKENDS`` (comma-separated names, e.g. ``jax,jax-gpu``) narrows the
+list further: each nox session sets its own backend, so that the numpy parametrizations
+run once in the matrix (in ``tests-numpy``), not again in every session.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,10 +149,53 @@ def _dtypes(ns: Any, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "torch-cuda", "jax", "jax-gpu", "cupy"]
+_MODULE = {"torch-cuda": "torch", "jax-gpu": "jax"}  # the package of each backend
+_GPU = ("torch-cuda", "jax-gpu", "cupy")
 _cache: dict[str, Backend] = {}
 
 
-@pytest.fixture(params=BACKENDS, scope="session")
+def _why_not(name: str, chosen: list[str] | None) -> str | None:
+    """Why ``name`` is not under test here (None: it is)."""
+    module = _MODULE.get(name, name)
+    if not _has(module):
+        return f"{module} not installed"
+    if name in _GPU and shutil.which("nvidia-smi") is None:
+        return "no NVIDIA GPU"
+    if chosen is not None and name not in chosen:
+        return "not in FAVORPLUS_TEST_BACKENDS"
+    return None
+
+
+def _chosen() -> list[str] | None:
+    value = os.environ.get("FAVORPLUS_TEST_BACKENDS", "").strip()
+    if not value:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise pytest.UsageError(
+            f"FAVORPLUS_TEST_BACKENDS: unknown backend(s) {', '.join(unknown)}; "
+            f"expected names from {', '.join(BACKENDS)}"
+        )
+    return names
+
+
+# Decided once at import (the same in every pytest-xdist worker): the xp fixture's params.
+_CHOSEN = _chosen()
+_NOT_UNDER_TEST = {n: why for n in BACKENDS if (why := _why_not(n, _CHOSEN)) is not None}
+UNDER_TEST = [n for n in BACKENDS if n not in _NOT_UNDER_TEST]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The backends under test, and why each other one is not (once, not per test)."""
+    absent = "; ".join(f"{n} ({why})" for n, why in _NOT_UNDER_TEST.items())
+    return [
+        f"backends under test: {', '.join(UNDER_TEST) or 'none'}",
+        f"backends not under test: {absent or 'none'}",
+    ]
+
+
+@pytest.fixture(params=UNDER_TEST, scope="session")
 def xp(request: pytest.FixtureRequest) -> Backend:
     """The backend under test (named ``xp`` as in the array API convention)."""
     name = request.param
@@ -160,3 +207,12 @@ def xp(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture(scope="session")
 def numpy_backend() -> Backend:
     return _make("numpy")
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
+    """A test skipped because its framework is not installed (``pytest.importorskip``)
+    prints no ``s`` in the progress line: the header names the missing backends once, and
+    the closing line still counts every skip."""
+    if report.skipped and "could not import" in str(report.longrepr):
+        return "skipped", "", "SKIPPED"
+    return None
