@@ -12,6 +12,7 @@ lint, the demo and the benchmarks.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -45,8 +46,8 @@ BACKENDS = {
         {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "torch,torch-cuda"},
     ),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short, and the
-    # compiled programs are kept on disk (JAX's persistent compilation cache, under
-    # .nox/.cache/jax), so that a second run of the session skips most compilations.
+    # compiled programs are kept on disk (JAX's persistent compilation cache, in the user's
+    # cache directory: _jax_cache_dir), so that a second run skips most compilations.
     "jax": (
         "test,jax,flax",
         {
@@ -61,6 +62,17 @@ BACKENDS = {
         {"SCIPY_ARRAY_API": "1", "FAVORPLUS_TEST_BACKENDS": "cupy"},
     ),
 }
+
+
+def _jax_cache_dir() -> str:
+    """Where tests-jax keeps JAX's compiled programs: $JAX_COMPILATION_CACHE_DIR if set, else
+    the user's cache directory ($XDG_CACHE_HOME or ~/.cache, then favorplus/jax), so that
+    every clone and every fresh .nox of this machine reuses them (JAX keys each entry by
+    the program, the jax / jaxlib versions and the flags: a stale entry is never used)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "favorplus" / "jax")
 
 
 def _has_gpu() -> bool:
@@ -89,7 +101,7 @@ def _make_test_session(backend: str, extras: str, env: dict[str, str]) -> None:
         workers = [] if any(a.startswith("-n") for a in session.posargs) else ["-n", "2"]
         run_env = dict(env)
         if backend == "jax":
-            run_env["JAX_COMPILATION_CACHE_DIR"] = str(session.cache_dir / "jax")
+            run_env["JAX_COMPILATION_CACHE_DIR"] = _jax_cache_dir()
         # With markers chosen (`-- -m slow`), exit code 5 (no test selected) is a pass: some
         # sessions have no slow test.
         marked = not _marker_args(session.posargs)
