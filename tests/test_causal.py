@@ -391,7 +391,7 @@ def test_layer_redraw_between_calls_keeps_the_pending_backward():
     """FavorAttention(redraw_interval=1) called twice before one backward: each call's
     gradient is that of its own projection (the redraw replaces the buffer)."""
     torch = pytest.importorskip("torch")
-    from favorplus import _backend
+    from favorplus._backend import blocking as _backend
     from favorplus.torch import FavorAttention
 
     rng = np.random.default_rng(1)

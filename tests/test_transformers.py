@@ -326,6 +326,31 @@ def test_redraw_projections_is_seeded_and_stored_in_the_config():
     assert model.config.favorplus_seed != 11
 
 
+def test_redraw_between_forward_and_backward_keeps_the_gradient():
+    """redraw_projections between a causal forward pass and its backward pass: the
+    gradient is that of the projection the forward pass used, also where the causal
+    blocks are recomputed in the backward pass (the redraw replaces the buffers)."""
+    from favorplus._backend import blocking as _backend
+
+    model = _model("gpt2", dtype=torch.float32)  # the projection's own dtype: used as it is
+    emb = torch.randn(2, 200, model.config.n_embd)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_backend, "BLOCK_NUMBERS", 256)  # blocks of a few tokens: recomputed
+        cot = torch.randn(2, 200, model.config.n_embd)
+        x = emb.clone().requires_grad_()
+
+        def loss() -> torch.Tensor:
+            return (model(inputs_embeds=x).last_hidden_state * cot).sum()
+
+        (expected,) = torch.autograd.grad(loss(), x)
+        pending = loss()
+        assert fpt.redraw_projections(model, seed=7) == model.config.n_layer
+        (got,) = torch.autograd.grad(pending, x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        (redrawn,) = torch.autograd.grad(loss(), x)
+        assert (redrawn - expected).abs().max() > 1e-6 * expected.abs().max()
+
+
 # --- dropout and output_attentions ---------------------------------------------------------
 
 

@@ -614,7 +614,7 @@ def redraw_projections(model: nn.Module, seed: int | None = None) -> int:
     Returns
     -------
     int
-        How many projections were redrawn in place.
+        How many projections were redrawn.
 
     Examples
     --------
@@ -639,8 +639,11 @@ def redraw_projections(model: nn.Module, seed: int | None = None) -> int:
     for module in model.modules():
         w = module._buffers.get(BUFFER)
         if w is not None:
-            with torch.no_grad():
-                w.copy_(_draw(module, w.shape[0], w.shape[1], w.device))
+            # A new tensor replaces the buffer (never an in-place copy): a backward pass
+            # still pending keeps the projection its forward pass used.
+            with torch.inference_mode(False):
+                new = _draw(module, w.shape[0], w.shape[1], w.device)
+                module._buffers[BUFFER] = new.to(dtype=w.dtype)
             redrawn += 1
     return redrawn
 
