@@ -630,6 +630,8 @@ class FavorAttention(nnx.MultiHeadAttention):
     chunk_size : int, optional
         Causal chunk length.
 
+    Notes
+    -----
     **Estimators** (``kernel="softmax_oprf"``, ``"softmax_saderf"``, ``OPRF()``,
     ``SADERF()``). OPRF's A and SADERF's psi depend on the queries' and keys'
     statistics. The layer keeps them per head like nnx.BatchNorm's running mean, as

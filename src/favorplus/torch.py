@@ -321,6 +321,8 @@ class FavorAttention(nn.Module):
         Copies keep this layer's generator state (and so redraw the same matrices)
         instead of spawning their own.
 
+    Notes
+    -----
     **Estimators** (``kernel="softmax_oprf"``, ``"softmax_saderf"``, ``OPRF()``,
     ``SADERF()``). OPRF's A and SADERF's psi depend on the queries' and keys' statistics.
     The layer keeps them per head like BatchNorm's running mean, in buffers
