@@ -369,7 +369,7 @@ def test_in_place_change_before_backward_is_an_error(changed):
 def test_gradient_with_recomputed_blocks_is_right():
     """The recomputed blocks give autograd's gradient of the one-pass computation."""
     torch = pytest.importorskip("torch")
-    from favorplus import _backend
+    from favorplus._backend import blocking as _backend
 
     q, k, v, w = _torch_problem(torch, L=96, heads=2, d=4, m=16)
     cot = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 2, 96, 4)))
