@@ -242,6 +242,18 @@ def _check_mask_dtype(name: str, mask: Any) -> Tensor:
     return mask
 
 
+def _padding_mask(mask: Any, n: int, length: int, batched: bool, what: str) -> Tensor:
+    """``key_padding_mask`` checked ((n, length), or (length,) unbatched) and shaped
+    (n, 1, length): bool (True: not attended) or float (added to the scores)."""
+    pad = _check_mask_dtype("key_padding_mask", mask)
+    expected = (n, length) if batched else (length,)
+    if tuple(pad.shape) != expected:
+        raise ValueError(
+            f"key_padding_mask must have shape {expected} (batch, {what}); got {tuple(pad.shape)}"
+        )
+    return pad.reshape(n, 1, length)
+
+
 class FavorAttention(nn.Module):
     """Multi-head FAVOR+ attention, a drop-in for :class:`torch.nn.MultiheadAttention`.
 
@@ -986,14 +998,7 @@ class FavorAttention(nn.Module):
         q, k, v = (x.reshape(n, steps, h, d).transpose(1, 2) for x in (q, k, v))
         key_mask = None
         if key_padding_mask is not None:
-            pad = _check_mask_dtype("key_padding_mask", key_padding_mask)
-            expected = (n, steps) if batched else (steps,)
-            if tuple(pad.shape) != expected:
-                raise ValueError(
-                    f"key_padding_mask must have shape {expected} (batch, new tokens); got "
-                    f"{tuple(pad.shape)}"
-                )
-            pad = pad.reshape(n, 1, steps)
+            pad = _padding_mask(key_padding_mask, n, steps, batched, "new tokens")
             key_mask = torch.logical_not(pad) if pad.dtype == torch.bool else pad
         with torch.autocast(device_type=q.device.type, enabled=False):
             if state is None:
@@ -1070,14 +1075,7 @@ class FavorAttention(nn.Module):
         keep: Tensor | None = None
         bias: Tensor | None = None
         if key_padding_mask is not None:
-            pad = _check_mask_dtype("key_padding_mask", key_padding_mask)
-            expected = (n, source) if batched else (source,)
-            if tuple(pad.shape) != expected:
-                raise ValueError(
-                    f"key_padding_mask must have shape {expected} (batch, keys); got "
-                    f"{tuple(pad.shape)}"
-                )
-            pad = pad.reshape(n, 1, source)
+            pad = _padding_mask(key_padding_mask, n, source, batched, "keys")
             if pad.dtype == torch.bool:
                 keep = torch.logical_not(pad)
             else:
