@@ -340,6 +340,81 @@ def test_model_built_with_the_settings_registers_statistics_on_first_call(tmp_pa
     assert loaded.favorplus_statistics_momentum is None
 
 
+def _tracking_modules(model):
+    return [m for m in model.modules() if getattr(m, "num_batches_tracked", None) is not None]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_from_pretrained_restores_the_statistics_and_the_attention(tmp_path, estimator):
+    model = _model("gpt2", kernel=estimator, kind="simplex", causal_lm=True)
+    model.train()
+    model(input_ids=_ids(3, 9, seed=5))
+    model.eval()
+    ids = _ids(2, 7)
+    logits = model(input_ids=ids).logits
+    # Small shards: the statistics are spread over several files.
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+
+    # The class's own from_pretrained drops them (they start at zero) and uses sdpa.
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float64)
+    assert plain.config._attn_implementation != "favorplus"
+
+    for cls in (transformers.GPT2LMHeadModel, AutoModelForCausalLM):
+        loaded, info = fpt.from_pretrained(
+            cls, tmp_path, dtype=torch.float64, output_loading_info=True
+        )
+        assert type(loaded) is transformers.GPT2LMHeadModel
+        assert loaded.config._attn_implementation == "favorplus"
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        for saved, mine in zip(_tracking_modules(model), _tracking_modules(loaded)):
+            assert all(torch.equal(a, b) for a, b in zip(_stats(saved), _stats(mine)))
+            assert int(mine.num_batches_tracked) == int(saved.num_batches_tracked) == 1
+        # Causal calls read the running statistics: the same logits only with them loaded.
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, logits)
+
+    # The base model from the head model's checkpoint (transformers strips the prefix).
+    base = fpt.from_pretrained(transformers.GPT2Model, tmp_path, dtype=torch.float64)
+    assert torch.equal(
+        base.h[1].attn.running_key_sq_mean, model.transformer.h[1].attn.running_key_sq_mean
+    )
+
+
+def test_from_pretrained_without_statistics_or_settings(tmp_path):
+    # Saved with FAVOR+ softmax but a config naming OPRF: no statistics in the files,
+    # so they start at zero (A = 0) and are not reported missing.
+    model = _model("gpt2", kernel="softmax", causal_lm=True)
+    model.config.favorplus_kernel = "softmax_oprf"
+    model.save_pretrained(tmp_path / "none")
+    loaded, info = fpt.from_pretrained(
+        AutoModelForCausalLM, tmp_path / "none", output_loading_info=True
+    )
+    assert not info["missing_keys"]
+    for module in _tracking_modules(loaded):
+        assert not any(s.any() for s in _stats(module))
+        assert int(module.num_batches_tracked) == 0
+    assert len(_tracking_modules(loaded)) == 2
+
+    # Part of a module's statistics: refused, naming the module.
+    trained = _model("gpt2", kernel="softmax_oprf", causal_lm=True)
+    state = {
+        k: v
+        for k, v in trained.state_dict().items()
+        if k != "transformer.h.1.attn.running_key_mean"
+    }
+    trained.save_pretrained(tmp_path / "part", state_dict=state)
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn"):
+        fpt.from_pretrained(AutoModelForCausalLM, tmp_path / "part")
+
+    # An exact model's checkpoint has no favorplus settings: refused, saying what to do.
+    exact = AutoModelForCausalLM.from_config(_config("gpt2"))
+    exact.save_pretrained(tmp_path / "exact")
+    with pytest.raises(ValueError, match="performerize"):
+        fpt.from_pretrained(AutoModelForCausalLM, tmp_path / "exact")
+    with pytest.raises(TypeError, match="model_class"):
+        fpt.from_pretrained(torch.nn.Linear, tmp_path / "exact")
+
+
 def test_performerize_back_to_softmax_drops_the_statistics():
     model = _model("bert", kernel="softmax_oprf")
     assert any("running_query_mean" in k for k in model.state_dict())

@@ -28,7 +28,9 @@ transformers.
   semantics of :class:`favorplus.torch.FavorAttention`: bidirectional calls use their
   own statistics, causal calls and decoding the running ones from before the call,
   training calls update them after the output, ``eval()`` freezes them.
-* :func:`performerize` converts a loaded model in place, keeping its weights.
+* :func:`performerize` converts a loaded model in place, keeping its weights;
+  :func:`from_pretrained` loads a checkpoint saved from a FAVOR+ model as one, with
+  its running statistics.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ __all__ = [
     "FavorplusCacheLayer",
     "favorplus_attention_forward",
     "favorplus_mask",
+    "from_pretrained",
     "performerize",
     "redraw_projections",
     "register",
@@ -1216,6 +1219,191 @@ def performerize(
                 ref = next(module.parameters(), None)
                 _register_statistics(module, *shape, None if ref is None else ref.device)
     return model
+
+
+def _saved_settings(config: Any, source: Any) -> dict[str, Any]:
+    """The favorplus settings a checkpoint's config carries, checked, as
+    :func:`performerize`'s keyword arguments."""
+    present = [
+        a
+        for a in (NUM_FEATURES_ATTR, SEED_ATTR, KERNEL_ATTR, KIND_ATTR, MOMENTUM_ATTR)
+        if hasattr(config, a)
+    ]
+    if not present:
+        raise ValueError(
+            f"the config of {source!r} has no favorplus settings (favorplus_kernel, "
+            "favorplus_seed, ...): it was not saved from a FAVOR+ model. Load it with the "
+            "class's own from_pretrained and convert it with favorplus.transformers.performerize"
+        )
+    momentum = getattr(config, MOMENTUM_ATTR, _DEFAULT_MOMENTUM)
+    seed = getattr(config, SEED_ATTR, None)
+    return {
+        "num_features": _check_num_features(
+            getattr(config, NUM_FEATURES_ATTR, None), f"config.{NUM_FEATURES_ATTR}"
+        ),
+        "seed": _check_seed(_DEFAULT_SEED if seed is None else seed, f"config.{SEED_ATTR}"),
+        "kernel": _check_kernel(
+            getattr(config, KERNEL_ATTR, None) or _DEFAULT_KERNEL, f"config.{KERNEL_ATTR}"
+        ),
+        "kind": _check_kind(
+            getattr(config, KIND_ATTR, None) or _DEFAULT_KIND, f"config.{KIND_ATTR}"
+        ),
+        "statistics_momentum": _check_momentum(momentum, f"config.{MOMENTUM_ATTR}"),
+    }
+
+
+def _statistics_loader(cls: type) -> type:
+    """A subclass of ``cls`` whose ``post_init`` registers the running statistics buffers
+    of every attention module when the config names a data-driven estimator, so that
+    transformers' own loading (local or hub, sharded, any device map) fills them from the
+    checkpoint. Used only while loading: the model's class is set back to ``cls``."""
+
+    def post_init(self: PreTrainedModel) -> None:
+        cls.post_init(self)
+        if getattr(self.config, KERNEL_ATTR, None) not in ESTIMATORS:
+            return
+        for module in self.modules():
+            if _calls_attention_interface(module) and module._buffers.get(_COUNT) is None:
+                shape = _statistics_shape(module)
+                if shape is not None:  # else registered on the first call
+                    _register_statistics(module, *shape, None)
+
+    return type(cls.__name__, (cls,), {"post_init": post_init, "__module__": cls.__module__})
+
+
+def _reset_missing_statistics(model: nn.Module, missing: set[str]) -> set[str]:
+    """Zero the statistics a checkpoint lacks (an older one, or one saved with another
+    kernel): all of a module's or none, as with ``load_state_dict``. Returns the keys
+    handled, which are then no longer reported as missing."""
+    handled: set[str] = set()
+    names = (*STAT_NAMES, _COUNT)
+    for prefix, module in model.named_modules():
+        if module._buffers.get(_COUNT) is None:
+            continue
+        keys = [f"{prefix}.{n}" if prefix else n for n in names]
+        absent = [k for k in keys if k in missing]
+        if not absent:
+            continue
+        if len(absent) != len(keys):
+            raise ValueError(
+                f"the checkpoint has part of the running statistics of {prefix!r}: "
+                f"{sorted(set(keys) - set(absent))} but not {absent}; a checkpoint must have "
+                "all of a module's statistics or none"
+            )
+        with torch.no_grad():
+            for name in names:
+                old = module._buffers[name]
+                dtype = torch.long if name == _COUNT else torch.float32
+                device = old.device if old.device.type != "meta" else torch.device("cpu")
+                module._buffers[name] = torch.zeros(old.shape, dtype=dtype, device=device)
+        handled.update(absent)
+    return handled
+
+
+def from_pretrained(
+    model_class: Any, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any
+) -> Any:
+    """Load a checkpoint saved from a FAVOR+ model as a FAVOR+ model, running statistics
+    included.
+
+    ``model_class.from_pretrained`` alone builds the model's attention modules before
+    any favorplus buffer exists, so the running statistics of the data-driven
+    estimators (``"softmax_oprf"``, ``"softmax_saderf"``) in the checkpoint would be
+    dropped as unexpected keys, and the model would use the class's default attention.
+    This function loads through transformers' own ``from_pretrained`` (local folders or
+    the hub, sharded checkpoints, ``dtype``, ``device_map`` and every other argument
+    pass through) with those buffers registered, then applies :func:`performerize` with
+    the settings saved in the config (``favorplus_kernel``, ``favorplus_seed``, ...):
+    the projections are drawn again from the saved seed, identical to the saved model's.
+
+    Parameters
+    ----------
+    model_class : type
+        A transformers model class (``GPT2LMHeadModel``) or auto class
+        (``AutoModelForCausalLM``).
+    pretrained_model_name_or_path : str or os.PathLike
+        What ``model_class.from_pretrained`` takes.
+    *model_args, **kwargs
+        Passed to ``model_class.from_pretrained``; with ``output_loading_info=True`` the
+        loading information is returned too, without the statistics that were loaded
+        or reset.
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        The model (of ``model_class``'s class, not a subclass), using
+        ``attn_implementation="favorplus"``; ``(model, loading_info)`` with
+        ``output_loading_info=True``.
+
+    Raises
+    ------
+    ValueError
+        If the checkpoint's config has no favorplus settings (use ``from_pretrained``
+        and :func:`performerize` for a model saved with another attention), or it has
+        only part of an attention module's statistics.
+
+    Notes
+    -----
+    A checkpoint without any statistics (one saved before training, or with another
+    kernel) loads with them reset to zero (A = 0, psi = 1), as ``load_state_dict`` does;
+    transformers' loading report lists them as missing.
+
+    Examples
+    --------
+    >>> import tempfile, torch, transformers
+    >>> import favorplus.transformers as fpt
+    >>> cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4)
+    >>> model = fpt.performerize(transformers.GPT2LMHeadModel(cfg), kernel="softmax_oprf")
+    >>> _ = model.train()(torch.randint(0, 100, (2, 8)))      # updates the statistics
+    >>> with tempfile.TemporaryDirectory() as path:
+    ...     model.save_pretrained(path)
+    ...     loaded = fpt.from_pretrained(transformers.AutoModelForCausalLM, path)
+    >>> type(loaded).__name__, loaded.config._attn_implementation
+    ('GPT2LMHeadModel', 'favorplus')
+    >>> int(loaded.transformer.h[0].attn.num_batches_tracked)
+    1
+    """
+    cls = model_class
+    if isinstance(cls, type) and not issubclass(cls, PreTrainedModel):
+        mapping = getattr(cls, "_model_mapping", None)
+        if mapping is None:
+            cls = None
+        else:  # an auto class: the concrete class from the checkpoint's config
+            from transformers import AutoConfig
+            from transformers.models.auto.auto_factory import _get_model_class
+
+            config = kwargs.get("config")
+            if not isinstance(config, PreTrainedConfig):
+                config_kwargs = {
+                    k: kwargs[k]
+                    for k in (
+                        "cache_dir",
+                        "revision",
+                        "subfolder",
+                        "token",
+                        "local_files_only",
+                        "trust_remote_code",
+                    )
+                    if k in kwargs
+                }
+                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+                kwargs["config"] = config
+            cls = _get_model_class(config, mapping)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise TypeError(
+            "model_class must be a transformers model class (a PreTrainedModel subclass such "
+            f"as GPT2LMHeadModel) or an auto class; got {model_class!r}"
+        )
+    want_info = bool(kwargs.pop("output_loading_info", False))
+    model, info = _statistics_loader(cls).from_pretrained(
+        pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+    )
+    model.__class__ = cls
+    settings = _saved_settings(model.config, pretrained_model_name_or_path)
+    missing = set(info.get("missing_keys", ()))
+    info["missing_keys"] = missing - _reset_missing_statistics(model, missing)
+    performerize(model, **settings)
+    return (model, info) if want_info else model
 
 
 _CALLS: dict[type, bool] = {}
