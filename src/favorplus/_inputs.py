@@ -93,8 +93,10 @@ def _parts(
     kern: Kernel,
     key_bias: Array | None = None,
 ) -> tuple[FeatureParts, FeatureParts]:
-    qparts = feature_parts(xp, qc, w, kern, scale, row_constants=False)
-    kparts = with_key_bias(xp, feature_parts(xp, kc, w, kern, scale, row_constants=True), key_bias)
+    qparts = feature_parts(xp, qc, w, kern, scale, row_constants=False, role="query")
+    kparts = with_key_bias(
+        xp, feature_parts(xp, kc, w, kern, scale, row_constants=True, role="key"), key_bias
+    )
     return qparts, kparts
 
 

@@ -144,7 +144,9 @@ def _key_block(
     """Fold one block of keys into (running per-feature maximum, state): the key pass
     of the blocked bidirectional form (``top`` and ``state`` None before the first
     block); returns the new maximum, state and whether the log-features are shared."""
-    kparts = with_key_bias(xp, feature_parts(xp, kb, w, kern, scale, row_constants=True), bb)
+    kparts = with_key_bias(
+        xp, feature_parts(xp, kb, w, kern, scale, row_constants=True, role="key"), bb
+    )
     mask = None if mb is None else mb[..., None]
     factor = None
     if kparts.log is None:
@@ -180,7 +182,7 @@ def _query_block(
     state: Array,
 ) -> Array:
     """Outputs of one block of queries from the final key state (the query pass)."""
-    qparts = feature_parts(xp, qb, w, kern, scale, row_constants=False)
+    qparts = feature_parts(xp, qb, w, kern, scale, row_constants=False, role="query")
     return _read_state(xp, query_features(xp, qparts, shift), state)
 
 

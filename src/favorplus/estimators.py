@@ -28,7 +28,9 @@ and keys that interact (one per sequence and head).
 coordinate by ``psi_l = (mean_j y_jl^2 / mean_i x_il^2)^(1/4)`` and keys by ``1 / psi_l``
 (the kernel ``exp(x . y)`` is unchanged), which balances their per-coordinate second
 moments and minimises ``S`` over diagonal rescalings up to the cross term; then OPRF with
-``A*`` of the rescaled statistics.
+``A*`` of the rescaled statistics. The rescaled inputs are never formed: ``psi`` goes
+into the projection rows, ``w . (psi x) = (w psi) . x`` (one side's rows ``W diag(psi)``,
+the other's ``W diag(1/psi)``), so SADERF's features cost what OPRF's do.
 
 **Where the parameters come from.** Every estimator here is a frozen object passed as
 ``kernel=`` to :func:`~favorplus.favor_attention`, :func:`~favorplus.favor_attention_step`,
@@ -534,12 +536,14 @@ class EstimatorKernel(Kernel):
     saderf: bool = False
     spec: Any = field(default=None, compare=False, repr=False)
     a: Any = field(default=None, compare=False, repr=False)
+    psi: Any = field(default=None, compare=False, repr=False)
 
     def static(self) -> EstimatorKernel:
         return EstimatorKernel(self.name, True, saderf=self.saderf)
 
-    def bind(self, a: Array) -> EstimatorKernel:
-        return EstimatorKernel(self.name, True, saderf=self.saderf, a=a)
+    def bind(self, a: Array, psi: Array | None = None) -> EstimatorKernel:
+        """The kernel bound to its A and, folded into the rows, SADERF's psi."""
+        return EstimatorKernel(self.name, True, saderf=self.saderf, a=a, psi=psi)
 
     def one_side(
         self, xp: Namespace, x: Array, role: str, scale: float, dtype: Any
@@ -548,31 +552,56 @@ class EstimatorKernel(Kernel):
         return one_side(xp, self, x, role, scale, dtype)
 
     def feature_parts(
-        self, xp: Namespace, x: Array, projection: Array, scale: float, *, row_constants: bool
+        self,
+        xp: Namespace,
+        x: Array,
+        projection: Array,
+        scale: float,
+        *,
+        row_constants: bool,
+        role: str | None = None,
     ) -> FeatureParts:
         """OPRF log-features ``A|w|^2 + B sqrt(s) w.x [- s|x|^2/2 + (d/4) log(1-4A) - log(m)/2]``
         (the bracket only with ``row_constants``), from one matrix product of
-        ``[x, 1]`` with ``[B sqrt(s) W, A |w|^2]``."""
+        ``[x, 1]`` with ``[B sqrt(s) W, A |w|^2]``.
+
+        A SADERF kernel bound with ``psi`` computes the features of ``psi x`` (``role``
+        ``"query"``) or ``x / psi`` (``"key"``) without forming them: the rescaling goes
+        into the rows, ``w.(psi x) = (w psi).x``, and ``|psi x|^2 = x^2 . psi^2``."""
         a = self.a
         assert a is not None, "an OPRF kernel is bound to its parameter inside the core"
         if x.ndim == 1:
-            one = self.feature_parts(xp, x[None, :], projection, scale, row_constants=row_constants)
+            one = self.feature_parts(
+                xp, x[None, :], projection, scale, row_constants=row_constants, role=role
+            )
             assert one.log is not None
             return FeatureParts(sign=None, log=one.log[0, :])
+        side = None
+        if self.psi is not None:
+            if role not in ("query", "key"):
+                raise ValueError(f"a bound SADERF kernel needs role 'query' or 'key'; got {role!r}")
+            side = self.psi if role == "query" else 1.0 / self.psi  # (..., d)
         num_rows, dim = projection.shape
         a_ = xp.reshape(a, (*a.shape, 1, 1))
         one_minus = 1.0 - 4.0 * a_
-        wsq = xp.sum(projection * projection, axis=-1)  # (m,)
-        rows = projection * (math.sqrt(scale) * xp.sqrt(one_minus))  # (..., m, d)
+        wsq = xp.sum(projection * projection, axis=-1)  # (m,): of the drawn rows
+        factor = math.sqrt(scale) * xp.sqrt(one_minus)  # (..., 1, 1)
+        if side is not None:
+            factor = factor * xp.reshape(side, (*side.shape[:-1], 1, dim))  # (..., 1, d)
+        rows = projection * factor  # (..., m, d)
         bias = a_ * wsq  # (..., 1, m)
         weights = xp.concat(
-            [rows, xp.matrix_transpose(xp.broadcast_to(bias, (*bias.shape[:-2], 1, num_rows)))],
+            [rows, xp.matrix_transpose(xp.broadcast_to(bias, (*rows.shape[:-2], 1, num_rows)))],
             axis=-1,
         )  # (..., m, d + 1)
         ones = xp.ones((*x.shape[:-1], 1), dtype=x.dtype, device=device(x))
         log = xp.matmul(xp.concat([x, ones], axis=-1), xp.matrix_transpose(weights))
         if row_constants:
-            row = (0.5 * scale) * xp.sum(x * x, axis=-1, keepdims=True)
+            if side is None:
+                row = (0.5 * scale) * xp.sum(x * x, axis=-1, keepdims=True)
+            else:
+                squares = xp.reshape(side * side, (*side.shape[:-1], dim, 1))
+                row = (0.5 * scale) * xp.matmul(x * x, squares)
             const = 0.5 * math.log(num_rows) - (0.25 * dim) * xp.log(one_minus)
             log = subtract(xp, log, row + const, owned=True)
         return FeatureParts(sign=None, log=log)
@@ -682,8 +711,10 @@ def bind(
     scale: float,
     dtype: Any,
 ) -> tuple[Array | None, Array | None, EstimatorKernel]:
-    """Inputs rescaled by psi (SADERF) and the kernel bound to its A, all constants for
-    autodiff. ``q`` or ``k`` may be None (feature maps of one side)."""
+    """The kernel bound to its A and SADERF's psi, constants for autodiff; q and k are
+    returned as they are (psi is folded into the projection rows: the bound kernel's
+    features take ``role=``, see :meth:`EstimatorKernel.feature_parts`), so no rescaled
+    copy of the inputs is made. ``q`` or ``k`` may be None (feature maps of one side)."""
     like = q if q is not None else k
     dev = device(like)
     a, psi, st = params
@@ -708,13 +739,7 @@ def bind(
         a = stop_gradient(xp.astype(a, dtype, copy=False))
     if psi is not None:
         psi = stop_gradient(xp.astype(psi, dtype, copy=False))
-        one_dim = (q if q is not None else k).ndim == 1
-        col = psi if one_dim else xp.reshape(psi, (*psi.shape[:-1], 1, psi.shape[-1]))
-        if q is not None:
-            q = xp.astype(q, dtype, copy=False) * col
-        if k is not None:
-            k = xp.astype(k, dtype, copy=False) / col
-    return q, k, kern.bind(a)
+    return q, k, kern.bind(a, psi)
 
 
 def call_estimator(
@@ -761,8 +786,8 @@ def _estimator_core(
 def one_side(
     xp: Namespace, kern: EstimatorKernel, x: Array, role: str, scale: float, dtype: Any
 ) -> tuple[Array, EstimatorKernel]:
-    """``x`` (queries or keys, per ``role``) rescaled and the kernel bound, for
-    :func:`favorplus.feature_map`, which sees one side only."""
+    """``x`` and the kernel bound to its parameters, for :func:`favorplus.feature_map`,
+    which sees one side only (``role``, passed on to the features, says which)."""
     params = _check_params(xp, kern, x, tuple(x.shape[:-2]), "feature_map sees one side only")
     q, k = (x, None) if role == "query" else (None, x)
     q, k, bound = bind(xp, kern, params, q, k, None, scale, dtype)

@@ -85,6 +85,7 @@ def feature_parts(
     scale: float,
     *,
     row_constants: bool,
+    role: str | None = None,
 ) -> FeatureParts:
     """Factored features of ``x`` (shape ``(..., L, d)``), in ``x``'s dtype.
 
@@ -92,10 +93,12 @@ def feature_parts(
     With ``row_constants=False`` the terms of ``log`` that are the same for every
     feature of a row, and the global normalisation, are left out (they cancel in
     the attention ratio for queries); the result then is phi up to a per-row factor.
+    ``role`` (``"query"`` or ``"key"``) says which side ``x`` is, for a kernel whose
+    two sides differ (a bound SADERF kernel: its rescaling folded into the rows).
     """
     own = getattr(kernel, "feature_parts", None)  # estimators.EstimatorKernel
     if own is not None:
-        return own(xp, x, projection, scale, row_constants=row_constants)
+        return own(xp, x, projection, scale, row_constants=row_constants, role=role)
     root = math.sqrt(scale)
     if projection is None:
         # Deterministic generalized attention: phi(x) = f(sqrt(scale) x).
@@ -230,5 +233,5 @@ def feature_map(
     bind_one_side = getattr(kern, "one_side", None)  # OPRF / SADERF: bind the parameters
     if bind_one_side is not None:
         xc, kern = bind_one_side(xp, xc, role, sc, dtype)
-    parts = feature_parts(xp, xc, w, kern, sc, row_constants=True)
+    parts = feature_parts(xp, xc, w, kern, sc, row_constants=True, role=role)
     return xp.astype(assemble(xp, parts, xc), x.dtype, copy=False)

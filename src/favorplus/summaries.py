@@ -95,7 +95,9 @@ def local_summary(
     if kc.shape[-2] == 0:
         num = kern.num_features(w.shape[0] if w is not None else kc.shape[-1])
         return _empty_summary(xp, kc, vc, batch, num)
-    kparts = with_key_bias(xp, feature_parts(xp, kc, w, kern, scale, row_constants=True), key_bias)
+    kparts = with_key_bias(
+        xp, feature_parts(xp, kc, w, kern, scale, row_constants=True, role="key"), key_bias
+    )
     mask = None if key_mask is None else key_mask[..., None]
     if kparts.log is None:
         kf = kparts.sign if mask is None else xp.where(mask, kparts.sign, 0.0)
@@ -160,7 +162,7 @@ def readout(
     scale: float,
 ) -> Array:
     """Outputs of queries in the compute dtype against a (merged) summary."""
-    qparts = feature_parts(xp, qc, w, kern, scale, row_constants=False)
+    qparts = feature_parts(xp, qc, w, kern, scale, row_constants=False, role="query")
     # Added to every feature of a query row, a level shared by all features cancels.
     qf = query_features(xp, qparts, _finite(xp, _stop(summary.level)))
     return _read_state(xp, qf, summary.state)
@@ -186,7 +188,9 @@ def local_causal_summary(
         empty = _empty_summary(xp, kc, vc, batch, num)
         floor = xp.full(batch, _floor(xp, kc.dtype), dtype=kc.dtype, device=_device(kc))
         return CausalState(empty.state, floor)
-    kparts = with_key_bias(xp, feature_parts(xp, kc, w, kern, scale, row_constants=True), key_bias)
+    kparts = with_key_bias(
+        xp, feature_parts(xp, kc, w, kern, scale, row_constants=True, role="key"), key_bias
+    )
     floor = _floor(xp, kc.dtype)
     mask = None if key_mask is None else key_mask[..., None]
     if kparts.log is None:
