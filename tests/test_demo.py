@@ -97,3 +97,16 @@ def test_demo_relu_is_not_an_approximation_error(capsys):
     out = capsys.readouterr().out
     assert "vs softmax" in out and "rel. error" not in out
     assert "not an approximation of softmax" in out
+
+
+@pytest.mark.parametrize("kernel", ["softmax_oprf", "softmax_saderf"])
+def test_demo_runs_the_estimators_and_simplex_projections(capsys, kernel):
+    assert main([*SMALL, "--backends", "numpy", "--kernel", kernel, "--kind", "simplex"]) == 0
+    out = capsys.readouterr().out
+    assert f"kernel = {kernel}, simplex features" in out and "rel. error" in out
+
+
+def test_demo_refuses_data_driven_estimators_in_causal_attention(capsys):
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--backends", "numpy", "--kernel", "softmax_oprf", "--causal"])
+    assert "later tokens" in capsys.readouterr().err

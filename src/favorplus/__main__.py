@@ -27,7 +27,16 @@ BACKENDS = {
     "cupy": ("cupy", "cupy"),
 }
 ALIASES = {"array_api_strict": "strict", "array-api-strict": "strict", "np": "numpy"}
-KERNELS = ("softmax", "softmax_hyperbolic", "softmax_trig", "relu")
+KERNELS = (
+    "softmax",
+    "softmax_hyperbolic",
+    "softmax_trig",
+    "relu",
+    "softmax_oprf",
+    "softmax_saderf",
+)
+# Estimators whose parameters come from the call's own queries and keys: bidirectional.
+DATA_DRIVEN = ("softmax_oprf", "softmax_saderf")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,15 +52,18 @@ def _parser() -> argparse.ArgumentParser:
         "--kernel",
         default="softmax",
         choices=KERNELS,
-        help="feature map (default softmax, the positive FAVOR+ features); relu is "
-        "generalized attention, a different attention, compared with softmax only to show "
-        "how different it is",
+        help="feature map (default softmax, the positive FAVOR+ features); "
+        "softmax_oprf (FAVOR++) and softmax_saderf (FAVOR#) are the lower-variance "
+        "estimators, with parameters from the call's own queries and keys (bidirectional "
+        "only); relu is generalized attention, a different attention, compared with softmax "
+        "only to show how different it is",
     )
     p.add_argument(
         "--kind",
         default="orthogonal",
-        choices=["orthogonal", "iid"],
-        help="random projection: Haar-orthogonal blocks (default) or iid Gaussian rows",
+        choices=["orthogonal", "iid", "simplex"],
+        help="random projection: Haar-orthogonal blocks (default), iid Gaussian rows, or "
+        "simplex blocks (directions at a regular simplex's vertices)",
     )
     p.add_argument("--causal", action="store_true", help="causal (unidirectional) attention")
     p.add_argument(
@@ -201,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1")
     if args.input_std < 0:
         parser.error("--input-std must be at least 0")
+    if args.causal and args.kernel in DATA_DRIVEN:
+        parser.error(
+            f"--kernel {args.kernel} takes its parameters from the call's own queries and "
+            "keys, which in causal attention would let every output see later tokens: run it "
+            "without --causal (favor_attention takes OPRF(statistics=...) from past data for "
+            "causal calls)"
+        )
     selected = _select(parser, args.backends)
     rng = np.random.default_rng(args.seed)
     shape = (1, args.heads, args.length, args.dim)
