@@ -380,6 +380,19 @@ def test_from_pretrained_restores_the_statistics_and_the_attention(tmp_path, est
     )
 
 
+def test_from_pretrained_of_a_kernel_without_statistics(tmp_path):
+    model = _model("bert", kernel="softmax_hyperbolic", kind="iid")
+    ids = _ids(2, 6)
+    hidden = model(input_ids=ids).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded = fpt.from_pretrained(AutoModel, tmp_path, dtype=torch.float64).eval()
+    assert loaded.config.favorplus_kernel == "softmax_hyperbolic"
+    assert loaded.config.favorplus_projection_kind == "iid"
+    assert not _tracking_modules(loaded)
+    # The same projections, drawn again from the saved seed: the same outputs.
+    assert torch.equal(loaded(input_ids=ids).last_hidden_state, hidden)
+
+
 def test_from_pretrained_without_statistics_or_settings(tmp_path):
     # Saved with FAVOR+ softmax but a config naming OPRF: no statistics in the files,
     # so they start at zero (A = 0) and are not reported missing.
