@@ -209,6 +209,7 @@ def test_simplex_mse_below_orthogonal_below_iid_fast():
 
 
 @pytest.mark.slow
+@pytest.mark.numpy_only
 @pytest.mark.parametrize("d,norm", [(3, 0.5), (6, 0.5), (8, 0.4), (16, 0.35)])
 def test_simplex_mse_order_slow(d, norm):
     """The same at other d (moderate norms: at larger ones the squared errors are so
