@@ -47,10 +47,14 @@ BACKENDS = {
     ),
     # JAX compiles per shape: fewer Hypothesis examples keep the session short, and the
     # compiled programs are kept on disk (JAX's persistent compilation cache, in the user's
-    # cache directory: _jax_cache_dir), so that a second run skips most compilations.
+    # cache directory: _jax_cache_dir), so that a second run skips most compilations. That
+    # needs the same shapes on every run: Hypothesis's derandomized "ci" profile (random
+    # examples, the "dev" profile, drew new shapes each run: a warm run missed the cache
+    # ~10 times in 11); HYPOTHESIS_PROFILE set by the caller wins.
     "jax": (
         "test,jax,flax",
         {
+            "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci"),
             "FAVORPLUS_HYPOTHESIS_EXAMPLES": "8",
             "FAVORPLUS_TEST_BACKENDS": "jax,jax-gpu",
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

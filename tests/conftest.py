@@ -68,6 +68,10 @@ class Backend:
         dt = self.xp.bool if dtype == "bool" else self.dtype(dtype)
         if self.name.startswith("torch") and dtype in ("bfloat16",):
             return self.module.asarray(a.astype(np.float32), device=self.device).to(dt)
+        if self.name.startswith("jax"):
+            # Converted on the host, then placed: jnp.asarray(a, dtype=, device=) compiles
+            # two small programs per new shape and dtype (thousands in the jax session).
+            return self.module.device_put(a.astype(np.dtype(dt)), self.device)
         return self.xp.asarray(a, dtype=dt, device=self.device)
 
     def numpy(self, x: Any) -> np.ndarray:
@@ -193,6 +197,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"backends under test: {', '.join(UNDER_TEST) or 'none'}",
         f"backends not under test: {absent or 'none'}",
     ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``numpy_only`` compute on NumPy arrays alone, whatever the session's
+    backend: they run where numpy is under test (``tests-numpy``, or a run without
+    ``FAVORPLUS_TEST_BACKENDS``), once in the matrix instead of once per session."""
+    if "numpy" in UNDER_TEST:
+        return
+    dropped = [item for item in items if item.get_closest_marker("numpy_only")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("numpy_only")]
 
 
 @pytest.fixture(params=UNDER_TEST, scope="session")

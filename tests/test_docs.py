@@ -27,6 +27,7 @@ import ast
 import importlib
 import importlib.util
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,10 +116,30 @@ def unavailable(module: str) -> str | None:
     return None
 
 
+def numpy_only(path: Path) -> bool:
+    """Whether the file's examples import nothing but NumPy, favorplus's own array-API
+    modules and the standard library: they compute on NumPy arrays alone, the same in
+    every session, so they run once in the matrix (the ``numpy_only`` marker)."""
+    adapters = {"torch", "flax", "transformers", "sklearn"}  # favorplus.<framework>
+    for block in python_blocks(path.read_text(encoding="utf-8")):
+        for module in imported_modules(block.code):
+            parts = module.split(".")
+            if parts[0] == "favorplus":
+                if len(parts) > 1 and parts[1] in adapters:
+                    return False
+            elif parts[0] != "numpy" and parts[0] not in sys.stdlib_module_names:
+                return False
+    return True
+
+
 FILES = markdown_files()
 
 
-@pytest.mark.parametrize("path", FILES, ids=[str(f.relative_to(ROOT)) for f in FILES])
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(f, marks=[pytest.mark.numpy_only] if numpy_only(f) else []) for f in FILES],
+    ids=[str(f.relative_to(ROOT)) for f in FILES],
+)
 def test_markdown_examples(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     marker = SKIP_FILE.search(text)

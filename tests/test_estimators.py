@@ -200,6 +200,7 @@ def _check_mse_order(d, norm, draws, seed):
     return theory, measured
 
 
+@pytest.mark.numpy_only
 def test_simplex_mse_below_orthogonal_below_iid_fast():
     """Positive features: measured MSEs inside Z SE of their closed forms, which are ordered
     simplex < orthogonal < iid; the simplex gain is significant in the measurement too."""
@@ -209,6 +210,7 @@ def test_simplex_mse_below_orthogonal_below_iid_fast():
 
 
 @pytest.mark.slow
+@pytest.mark.numpy_only
 @pytest.mark.parametrize("d,norm", [(3, 0.5), (6, 0.5), (8, 0.4), (16, 0.35)])
 def test_simplex_mse_order_slow(d, norm):
     """The same at other d (moderate norms: at larger ones the squared errors are so
@@ -452,6 +454,7 @@ def test_attention_paths_match_reference(xp):
         )
 
 
+@pytest.mark.numpy_only
 def test_blocked_cpu_path_matches_one_pass(numpy_backend):
     """A long bidirectional input takes the CPU's blocked path: same estimator."""
     rng = np.random.default_rng(0)

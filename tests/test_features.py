@@ -102,6 +102,7 @@ def _rows_unbiased_along_axes(w: np.ndarray, d: int, blocks: int) -> bool:
     return True
 
 
+@pytest.mark.numpy_only
 def test_orthogonal_rows_isotropic_along_axes():
     """Inputs along coordinate axes catch sign conventions of QR (a non-Haar block)."""
     d, blocks = 6, 4000

@@ -225,6 +225,7 @@ def test_bad_mask_values_and_types(xp):
         fp.favor_attention(*a, key_mask=xp.asarray(np.ones(11, dtype=bool)))
 
 
+@pytest.mark.numpy_only
 def test_dropout_is_unbiased(numpy_backend):
     """Key dropout: the mean over N draws equals the undropped output within 5 of its
     standard errors. Per row i, out_i = sum_j a_ij z_j v_j with a_ij the implicit
