@@ -620,6 +620,21 @@ def test_jax_jit_and_grad():
     g = jax.jit(jax.grad(loss))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), st)
     assert np.all(np.isfinite(np.asarray(g)))
 
+    # Fixed parameters held by an estimator built outside the caller's jit (concrete
+    # arrays in the trace): checked on the host, the same result as eagerly.
+    psi = jnp.asarray(np.linspace(0.8, 1.25, D))
+    for est in (fp.SADERF(psi=psi, a=jnp.asarray(-0.05)), fp.OPRF(a=jnp.asarray(-0.05))):
+
+        def run(q, est=est):
+            return fp.favor_attention(q, jnp.asarray(k), jnp.asarray(v), w, kernel=est, causal=True)
+
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(run)(jnp.asarray(q))), np.asarray(run(jnp.asarray(q))), rtol=1e-10
+        )
+    bad = fp.SADERF(psi=-psi, a=-0.05)
+    with pytest.raises(ValueError, match="psi must be positive"):
+        jax.jit(lambda q: fp.favor_attention(q, q, q, w, kernel=bad, causal=True))(jnp.asarray(q))
+
 
 def test_init_causal_state_and_errors():
     w = fp.draw_projection(M, D, seed=0)

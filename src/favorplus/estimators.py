@@ -65,6 +65,7 @@ from ._backend import (
     common_namespace,
     device,
     host_readable,
+    is_jax,
     stop_gradient,
     subtract,
 )
@@ -632,6 +633,17 @@ class _Params(NamedTuple):
     statistics: Any
 
 
+def _holds(xp: Namespace, x: Array, test: Any) -> bool:
+    """Whether ``test(namespace, x)`` holds everywhere, for a host-readable ``x``. A
+    concrete JAX array is tested with NumPy: inside the caller's ``jit`` trace, a ``jnp``
+    comparison of it would be staged into the program and could not be read."""
+    if is_jax(x):
+        import numpy as np
+
+        return bool(np.all(test(np, np.asarray(x))))
+    return bool(xp.all(test(xp, x)))
+
+
 def _data_driven(spec: Any) -> bool:
     return spec.statistics is None and spec.a is None
 
@@ -685,7 +697,7 @@ def _check_params(
         common_namespace(q=q, a=a)
         check_float(xp, "a", a)
         fits("a", tuple(a.shape))
-        if host_readable(a) and not bool(xp.all(a < A_MAX)):
+        if host_readable(a) and not _holds(xp, a, lambda ns, x: x < A_MAX):
             raise ValueError(f"a must be below 1/8 (finite variance) everywhere; got {a}")
     psi = getattr(spec, "psi", None)
     if psi is not None:
@@ -696,7 +708,7 @@ def _check_params(
                 f"psi must have shape (..., {dim}) (d of q and k); got {tuple(psi.shape)}"
             )
         fits("psi", tuple(psi.shape[:-1]))
-        if host_readable(psi) and not bool(xp.all(psi > 0) and xp.all(xp.isfinite(psi))):
+        if host_readable(psi) and not _holds(xp, psi, lambda ns, x: (x > 0) & ns.isfinite(x)):
             raise ValueError("psi must be positive and finite")
     return _Params(a, psi, statistics)
 
@@ -794,24 +806,6 @@ def one_side(
     out = q if role == "query" else k
     assert out is not None
     return out, bound
-
-
-def bound_pair(
-    xp: Namespace,
-    kern: EstimatorKernel,
-    q: Array,
-    k: Array,
-    key_mask: Array | None,
-    batch: tuple[int, ...],
-    scale: float,
-    dtype: Any,
-    refuse: str | None,
-) -> tuple[Array, Array, EstimatorKernel]:
-    """Eager :func:`bind` for callers outside a compiled core (the attention matrix)."""
-    params = _check_params(xp, kern, q, batch, refuse)
-    qb, kb, bound = bind(xp, kern, params, q, k, key_mask, scale, dtype)
-    assert qb is not None and kb is not None
-    return qb, kb, bound
 
 
 register_resolver(resolve_estimator)
