@@ -553,21 +553,48 @@ def favor_attention_matrix(
     if qc.shape[-2] == 0 or kc.shape[-2] == 0:
         empty = to_batch(xp, xp.matmul(qc, xp.matrix_transpose(kc)), chk.batch, 2)  # no entry
         return xp.astype(empty, q.dtype, copy=False)
+    bias = None if prep.key_bias is None else xp.astype(prep.key_bias, chk.dtype, copy=False)
+    arrays = (qc, kc, w, key_mask, bias)
+    statics = (xp, kern, chk.scale, prep.causal, q.dtype)
     if getattr(kern, "spec", None) is not None:  # OPRF / SADERF: favorplus.estimators
-        from .estimators import LEAK, bound_pair
+        from .estimators import LEAK, call_estimator
 
         refuse = f"even in the causal attention matrix {LEAK}" if prep.causal else None
-        qc, kc, kern = bound_pair(
-            xp, kern, qc, kc, key_mask, chk.batch, chk.scale, chk.dtype, refuse
+        return call_estimator(
+            _matrix_core,
+            arrays,
+            statics,
+            kern,
+            xp=xp,
+            scale=chk.scale,
+            dtype=chk.dtype,
+            batch=chk.batch,
+            refuse=refuse,
+            mask_index=3,
         )
-    bias = None if prep.key_bias is None else xp.astype(prep.key_bias, chk.dtype, copy=False)
-    qparts, kparts = _parts(xp, chk.scale, qc, kc, w, kern, bias)
+    return call_core(_matrix_core, arrays, statics)
+
+
+def _matrix_core(
+    qc: Array,
+    kc: Array,
+    w: Array | None,
+    key_mask: Array | None,
+    bias: Array | None,
+    xp: Namespace,
+    kern: Any,
+    scale: float,
+    causal: bool,
+    out_dtype: Any,
+) -> Array:
+    """The attention matrix of inputs in the compute dtype (one compiled program on JAX)."""
+    qparts, kparts = _parts(xp, scale, qc, kc, w, kern, bias)
     qf, kf = bidirectional_features(xp, qparts, kparts, key_mask)
     scores = xp.matmul(qf, xp.matrix_transpose(kf))
-    if prep.causal:
+    if causal:
         scores = xp.where(_tril(xp, scores.shape[-2], scores.shape[-1], scores), scores, 0.0)
     den = xp.sum(scores, axis=-1, keepdims=True)
-    return xp.astype(safe_divide(xp, scores, den), q.dtype, copy=False)
+    return xp.astype(safe_divide(xp, scores, den), out_dtype, copy=False)
 
 
 def _tril(xp: Namespace, rows: int, cols: int, like: Array) -> Array:
