@@ -242,6 +242,18 @@ def _check_mask_dtype(name: str, mask: Any) -> Tensor:
     return mask
 
 
+def _qkv(query: Any, key: Any, value: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Key defaulting to the query and value to the key (self-attention), all tensors."""
+    if key is None:
+        key = query
+    if value is None:
+        value = key
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    return query, key, value
+
+
 def _padding_mask(mask: Any, n: int, length: int, batched: bool, what: str) -> Tensor:
     """``key_padding_mask`` checked ((n, length), or (length,) unbatched) and shaped
     (n, 1, length): bool (True: not attended) or float (added to the scores)."""
@@ -821,13 +833,7 @@ class FavorAttention(nn.Module):
             (N, L, S), (N, num_heads, L, S) with ``average_attn_weights=False``, or
             without N for unbatched inputs; None unless ``need_weights``.
         """
-        if key is None:
-            key = query
-        if value is None:
-            value = key
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        query, key, value = _qkv(query, key, value)
         need_weights = check_flag("need_weights", need_weights)
         average_attn_weights = check_flag("average_attn_weights", average_attn_weights)
         is_causal = check_flag("is_causal", is_causal)
@@ -976,13 +982,7 @@ class FavorAttention(nn.Module):
         >>> torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
         True
         """
-        if key is None:
-            key = query
-        if value is None:
-            value = key
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        query, key, value = _qkv(query, key, value)
         batched = query.ndim == 3
         same = key.shape[:-1] == query.shape[:-1] == value.shape[:-1]
         if query.ndim not in (2, 3) or not same:

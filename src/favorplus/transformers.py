@@ -530,29 +530,24 @@ def _register_statistics(module: nn.Module, heads: int, dim: int, device: Any) -
         object.__setattr__(module, _HOOKED_ATTR, True)
 
 
+def _positive_int(candidates: tuple[tuple[Any, str], ...]) -> int | None:
+    """The first of ``owner.attr`` that is a positive int (not a bool), else None."""
+    for owner, attr in candidates:
+        value = getattr(owner, attr, None)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return None
+
+
 def _statistics_shape(module: nn.Module) -> tuple[int, int] | None:
     """(query heads, head size) of an attention module, from its attributes and config."""
     config = getattr(module, "config", None)
-    heads = None
-    for owner, attr in (
-        (module, "num_heads"),
-        (module, "num_attention_heads"),
-        (config, "num_attention_heads"),
-    ):
-        value = getattr(owner, attr, None)
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
-            heads = int(value)
-            break
-    dim = None
-    for owner, attr in (
-        (module, "head_dim"),
-        (module, "attention_head_size"),
-        (config, "head_dim"),
-    ):
-        value = getattr(owner, attr, None)
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
-            dim = int(value)
-            break
+    heads = _positive_int(
+        ((module, "num_heads"), (module, "num_attention_heads"), (config, "num_attention_heads"))
+    )
+    dim = _positive_int(
+        ((module, "head_dim"), (module, "attention_head_size"), (config, "head_dim"))
+    )
     hidden = getattr(config, "hidden_size", None)
     if dim is None and heads and isinstance(hidden, numbers.Integral) and hidden % heads == 0:
         dim = int(hidden) // heads
