@@ -1285,12 +1285,9 @@ def _reset_missing_statistics(model: nn.Module, missing: set[str]) -> set[str]:
                 f"{sorted(set(keys) - set(absent))} but not {absent}; a checkpoint must have "
                 "all of a module's statistics or none"
             )
-        with torch.no_grad():
-            for name in names:
-                old = module._buffers[name]
-                dtype = torch.long if name == _COUNT else torch.float32
-                device = old.device if old.device.type != "meta" else torch.device("cpu")
-                module._buffers[name] = torch.zeros(old.shape, dtype=dtype, device=device)
+        old = module._buffers[STAT_NAMES[0]]
+        device = old.device if old.device.type != "meta" else torch.device("cpu")
+        _register_statistics(module, *old.shape, device)  # zero, no batch seen
         handled.update(absent)
     return handled
 
