@@ -4,6 +4,7 @@
 # Writes logs and results to $OUT (default ./gpu-out).
 #   ONLY=fused benchmarks/gpu_run.sh   # only the fused (Triton) fast path: tests + benchmark
 #   ONLY=array benchmarks/gpu_run.sh   # only the array API checks (the earlier run)
+#   ONLY=jax benchmarks/gpu_run.sh     # only favorplus's JAX programs against paper-style JAX
 set -o pipefail
 OUT=${OUT:-gpu-out}
 ONLY=${ONLY:-all}
@@ -16,7 +17,7 @@ python3 -c "from flax import nnx; nnx.Variable.get_value" 2>/dev/null || python3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, jax, cupy, flax; print('torch', torch.__version__, 'jax', jax.__version__, 'cupy', cupy.__version__, 'flax', flax.__version__, jax.devices())"
 python3 -c "import triton; print('triton', triton.__version__)" || echo "triton missing: fused path not testable"
-if [ "$ONLY" != "array" ]; then
+if [ "$ONLY" = "all" ] || [ "$ONLY" = "fused" ]; then
   # 1. The fused kernels' tests on the GPU (compiled, not interpreted; TF32 off in them).
   env -u TRITON_INTERPRET timeout "${TRITON_TEST_TIMEOUT:-120}" python3 -m pytest -q \
     -p no:cacheprovider tests/test_triton.py --durations=5 > "$OUT/triton_tests.log" 2>&1
@@ -46,7 +47,14 @@ for path in sys.argv[1:]:
         print(f"L={c['L']:>6} {c['method']:<20} causal={c['causal']!s:<5} bwd={c['backward']!s:<5} {c['status']}")
 PY
 fi
-if [ "$ONLY" != "fused" ]; then
+if [ "$ONLY" = "all" ] || [ "$ONLY" = "jax" ]; then
+  # 4. favorplus's jitted JAX programs against the paper-style JAX program (and the causal
+  #    floor) on the GPU: bidirectional and causal, forward and forward + backward.
+  timeout "${JAX_TIMEOUT:-240}" python3 benchmarks/jax_speed.py ${JAX_ARGS:---lengths 1024 4096 16384 --rounds 3} \
+    --out "$OUT" > "$OUT/jax_speed.log" 2>&1
+  echo "jax speed exit $?"; tail -8 "$OUT/jax_speed.log"
+fi
+if [ "$ONLY" = "all" ] || [ "$ONLY" = "array" ]; then
   timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/gpu.py --out "$OUT/gpu_bench.json" > "$OUT/bench.log" 2>&1
   echo "bench exit $?"
   FAVORPLUS_HYPOTHESIS_EXAMPLES=${EXAMPLES:-4} CI=1 timeout "${TEST_TIMEOUT:-280}" \

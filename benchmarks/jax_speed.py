@@ -22,6 +22,14 @@ pass rescans the tokens in reverse, subtracting the sums back.
 and kernel), and, for the goal "JAX within 1.5x of torch", the eager torch forward of
 the same call under ``torch.no_grad()``.
 
+**floor** (causal rows only): not a usable program, a lower bound of favorplus's causal
+program structure on this machine. The products of favorplus's chunked scan (chunks
+of 64 tokens, each scanned step rematerialized in the backward pass, the features
+computed in the step) and nothing else: no running maximum, no decay factors, no
+guards against inf or NaN; keys are stabilized by the paper-style global maximum (a
+leak). It shows how far any program of this structure can get: the goal "causal
+fwd+bwd <= 0.3x paper-style" would need the floor itself well under 0.3x.
+
 Every ratio is measured in one process with the implementations alternated: each round
 times every implementation once, in turn; a ratio is taken within each round and the
 result reports the median ratio and its range over the rounds (this machine is shared:
@@ -56,6 +64,7 @@ FULL_OUT = HERE / "results"
 QUICK_OUT = HERE / "results" / "quick"
 B, H, D, M = 1, 8, 64, 256
 EPS = 1e-4
+FS = "floor/paper-style"
 
 
 def _threads_from_argv() -> int:
@@ -186,6 +195,49 @@ def paper_attention(
     return jnp.moveaxis(num / den[..., None], 0, 2)
 
 
+FLOOR_CHUNK = 64
+
+
+def floor_attention(q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array) -> jax.Array:
+    """The floor: causal chunked linear attention of (B, H, L, d) inputs with the products
+    of favorplus's scanned program and no stabilizer beyond the paper-style one (L a
+    multiple of FLOOR_CHUNK)."""
+    b, h, length, d = q.shape
+    c = FLOOR_CHUNK
+    n = length // c
+    norm = d**-0.25
+    ones = jnp.ones((b, h, length, 1), v.dtype)
+    v1 = jnp.concatenate([v, ones], axis=-1)  # the normaliser as a last value column
+
+    def proj(x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,md->...m", norm * x, w) - 0.5 * norm**2 * jnp.sum(
+            x * x, axis=-1, keepdims=True
+        )
+
+    # The keys' global maximum, computed once outside the scan (a leak, as paper-style).
+    top = jax.lax.stop_gradient(jnp.max(proj(k)))
+
+    def chunks(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(jnp.reshape(x, (b, h, n, c, x.shape[-1])), 2, 0)
+
+    tri = jnp.tril(jnp.ones((c, c), bool))
+
+    def step(s: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        qc, kc, vc = xs
+        pq = proj(qc)
+        qf = jnp.exp(pq - jax.lax.stop_gradient(jnp.max(pq, axis=-1, keepdims=True)))
+        kf = jnp.exp(proj(kc) - top)
+        weights = jnp.where(tri, qf @ jnp.swapaxes(kf, -1, -2), 0.0)
+        out = qf @ s + weights @ vc
+        return s + jnp.swapaxes(kf, -1, -2) @ vc, out
+
+    s0 = jnp.zeros((b, h, w.shape[0], v.shape[-1] + 1), q.dtype)
+    step = jax.checkpoint(step, prevent_cse=False)
+    _, out = jax.lax.scan(step, s0, (chunks(q), chunks(k), chunks(v1)))
+    out = jnp.reshape(jnp.moveaxis(out, 0, 2), (b, h, length, v.shape[-1] + 1))
+    return out[..., :-1] / out[..., -1:]
+
+
 # ----------------------------------------------------------------------------------
 # The programs under test.
 
@@ -210,6 +262,10 @@ def jax_program(impl: str, L: int, *, causal: bool, grad: bool) -> Callable[[], 
             return fp.favor_attention(q, k, v, w, causal=causal)
     elif impl == "paper-style-jax":
         attend = functools.partial(paper_attention, causal=causal)
+    elif impl == "floor-jax":
+        if not causal or L % FLOOR_CHUNK:
+            raise ValueError("the floor is causal, for lengths that are multiples of 64")
+        attend = floor_attention
     else:
         raise ValueError(impl)
     if grad:
@@ -269,6 +325,8 @@ def bench(lengths: list[int], rounds: Callable[[int], int], log: Callable[[str],
                 "favorplus-jax": jax_program("favorplus-jax", L, causal=causal, grad=False),
                 "paper-style-jax": jax_program("paper-style-jax", L, causal=causal, grad=False),
             }
+            if causal:
+                fns["floor-jax"] = jax_program("floor-jax", L, causal=True, grad=False)
             on_cpu = jax.devices()[0].platform == "cpu"
             if on_cpu:
                 fns["favorplus-torch"] = torch_program(L, causal=causal)
@@ -276,20 +334,22 @@ def bench(lengths: list[int], rounds: Callable[[int], int], log: Callable[[str],
             row: dict[str, Any] = {"L": L, "mode": mode, "pass": "fwd"}
             row["best_s"] = {name: min(ts) for name, ts in t.items()}
             row["favorplus/paper-style"] = ratio_stats(t["favorplus-jax"], t["paper-style-jax"])
+            if causal:
+                row[FS] = ratio_stats(t["floor-jax"], t["paper-style-jax"])
             if on_cpu:
                 row["jax/torch (favorplus)"] = ratio_stats(t["favorplus-jax"], t["favorplus-torch"])
             rows.append(row)
             log(_line(row))
             del fns, t
             # Forward + backward: the two JAX programs.
-            fns = {
-                name: jax_program(name, L, causal=causal, grad=True)
-                for name in ("favorplus-jax", "paper-style-jax")
-            }
+            names = ["favorplus-jax", "paper-style-jax"] + (["floor-jax"] if causal else [])
+            fns = {name: jax_program(name, L, causal=causal, grad=True) for name in names}
             t = alternated(fns, rounds(L))
             row = {"L": L, "mode": mode, "pass": "fwd+bwd"}
             row["best_s"] = {name: min(ts) for name, ts in t.items()}
             row["favorplus/paper-style"] = ratio_stats(t["favorplus-jax"], t["paper-style-jax"])
+            if causal:
+                row[FS] = ratio_stats(t["floor-jax"], t["paper-style-jax"])
             rows.append(row)
             log(_line(row))
             del fns, t
@@ -299,7 +359,7 @@ def bench(lengths: list[int], rounds: Callable[[int], int], log: Callable[[str],
 def _line(row: dict[str, Any]) -> str:
     best = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in row["best_s"].items())
     parts = [f"L={row['L']:>5} {row['mode']:>13} {row['pass']:>7}: {best}"]
-    for key in ("favorplus/paper-style", "jax/torch (favorplus)"):
+    for key in ("favorplus/paper-style", FS, "jax/torch (favorplus)"):
         if key in row:
             s = row[key]
             parts.append(f"{key} {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]")
