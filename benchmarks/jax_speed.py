@@ -64,7 +64,8 @@ FULL_OUT = HERE / "results"
 QUICK_OUT = HERE / "results" / "quick"
 B, H, D, M = 1, 8, 64, 256
 EPS = 1e-4
-FS = "floor/paper-style"
+# Keys of the ratios in each result row.
+PS, FS, JT = "favorplus/paper-style", "floor/paper-style", "jax/torch (favorplus)"
 
 
 def _threads_from_argv() -> int:
@@ -317,56 +318,40 @@ def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
 
 def bench(lengths: list[int], rounds: Callable[[int], int], log: Callable[[str], None]) -> list:
     rows = []
+    on_cpu = jax.devices()[0].platform == "cpu"
     for L in lengths:
         for causal in (False, True):
             mode = "causal" if causal else "bidirectional"
-            # Forward: both JAX programs and torch's forward, alternated.
-            fns = {
-                "favorplus-jax": jax_program("favorplus-jax", L, causal=causal, grad=False),
-                "paper-style-jax": jax_program("paper-style-jax", L, causal=causal, grad=False),
-            }
-            if causal:
-                fns["floor-jax"] = jax_program("floor-jax", L, causal=True, grad=False)
-            on_cpu = jax.devices()[0].platform == "cpu"
-            if on_cpu:
-                fns["favorplus-torch"] = torch_program(L, causal=causal)
-            t = alternated(fns, rounds(L))
-            row: dict[str, Any] = {"L": L, "mode": mode, "pass": "fwd"}
-            row["best_s"] = {name: min(ts) for name, ts in t.items()}
-            row["favorplus/paper-style"] = ratio_stats(t["favorplus-jax"], t["paper-style-jax"])
-            if causal:
-                row[FS] = ratio_stats(t["floor-jax"], t["paper-style-jax"])
-            if on_cpu:
-                row["jax/torch (favorplus)"] = ratio_stats(t["favorplus-jax"], t["favorplus-torch"])
-            rows.append(row)
-            log(_line(row))
-            del fns, t
-            # Forward + backward: the two JAX programs.
-            names = ["favorplus-jax", "paper-style-jax"] + (["floor-jax"] if causal else [])
-            fns = {name: jax_program(name, L, causal=causal, grad=True) for name in names}
-            t = alternated(fns, rounds(L))
-            row = {"L": L, "mode": mode, "pass": "fwd+bwd"}
-            row["best_s"] = {name: min(ts) for name, ts in t.items()}
-            row["favorplus/paper-style"] = ratio_stats(t["favorplus-jax"], t["paper-style-jax"])
-            if causal:
-                row[FS] = ratio_stats(t["floor-jax"], t["paper-style-jax"])
-            rows.append(row)
-            log(_line(row))
-            del fns, t
+            for grad in (False, True):
+                # The JAX programs (and, for the forward on a CPU, torch's), alternated.
+                names = ["favorplus-jax", "paper-style-jax"] + (["floor-jax"] if causal else [])
+                fns = {name: jax_program(name, L, causal=causal, grad=grad) for name in names}
+                if on_cpu and not grad:
+                    fns["favorplus-torch"] = torch_program(L, causal=causal)
+                t = alternated(fns, rounds(L))
+                row: dict[str, Any] = {"L": L, "mode": mode, "pass": "fwd+bwd" if grad else "fwd"}
+                row["best_s"] = {name: min(ts) for name, ts in t.items()}
+                row[PS] = ratio_stats(t["favorplus-jax"], t["paper-style-jax"])
+                if causal:
+                    row[FS] = ratio_stats(t["floor-jax"], t["paper-style-jax"])
+                if "favorplus-torch" in t:
+                    row[JT] = ratio_stats(t["favorplus-jax"], t["favorplus-torch"])
+                rows.append(row)
+                log(_line(row))
+                del fns, t
     return rows
 
 
 def _line(row: dict[str, Any]) -> str:
     best = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in row["best_s"].items())
     parts = [f"L={row['L']:>5} {row['mode']:>13} {row['pass']:>7}: {best}"]
-    for key in ("favorplus/paper-style", FS, "jax/torch (favorplus)"):
+    for key in (PS, FS, JT):
         if key in row:
             s = row[key]
             parts.append(f"{key} {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]")
     return "; ".join(parts)
 
 
-PS, JT = "favorplus/paper-style", "jax/torch (favorplus)"
 GOALS = {
     "bidirectional fwd <= 0.7x paper-style at L >= 4096": ("bidirectional", "fwd", 4096, PS, 0.7),
     "causal fwd <= 0.8x paper-style at L >= 1024": ("causal", "fwd", 1024, PS, 0.8),
