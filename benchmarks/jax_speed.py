@@ -30,6 +30,10 @@ guards against inf or NaN; keys are stabilized by the paper-style global maximum
 leak). It shows how far any program of this structure can get: the goal "causal
 fwd+bwd <= 0.3x paper-style" would need the floor itself well under 0.3x.
 
+Before timing, every program's output and gradients at L = 256 are checked against
+favorplus's (the paper-style one without its epsilon): the programs compute the same
+function.
+
 Every ratio is measured in one process with the implementations alternated: each round
 times every implementation once, in turn; a ratio is taken within each round and the
 result reports the median ratio and its range over the rounds (this machine is shared:
@@ -88,7 +92,7 @@ import jax.numpy as jnp  # noqa: E402
 # The paper-style program (layout: length first, as the paper's code scans over it).
 
 
-def paper_features(x: jax.Array, w: jax.Array, *, query: bool) -> jax.Array:
+def paper_features(x: jax.Array, w: jax.Array, *, query: bool, eps: float = EPS) -> jax.Array:
     """Positive random features of x (L, B, H, d) with the paper's stabilizer and epsilon."""
     d = x.shape[-1]
     norm = d**-0.25
@@ -99,7 +103,7 @@ def paper_features(x: jax.Array, w: jax.Array, *, query: bool) -> jax.Array:
     else:
         top = jnp.max(proj)  # over every key of every head: a global maximum
     top = jax.lax.stop_gradient(top)
-    return (jnp.exp(proj - half_sq - top) + EPS) / math.sqrt(w.shape[0])
+    return (jnp.exp(proj - half_sq - top) + eps) / math.sqrt(w.shape[0])
 
 
 def _outer_step(s: jax.Array, kv: tuple[jax.Array, ...]) -> jax.Array:
@@ -180,12 +184,12 @@ paper_causal_denominator.defvjp(_denominator_fwd, _denominator_bwd)
 
 
 def paper_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, *, causal: bool
+    q: jax.Array, k: jax.Array, v: jax.Array, w: jax.Array, *, causal: bool, eps: float = EPS
 ) -> jax.Array:
     """Paper-style FAVOR+ of (B, H, L, d) inputs; returns (B, H, L, dv)."""
     q, k, v = (jnp.moveaxis(x, 2, 0) for x in (q, k, v))  # (L, B, H, .)
-    qf = paper_features(q, w, query=True)
-    kf = paper_features(k, w, query=False)
+    qf = paper_features(q, w, query=True, eps=eps)
+    kf = paper_features(k, w, query=False, eps=eps)
     if causal:
         num = paper_causal_numerator(qf, kf, v)
         den = paper_causal_denominator(qf, kf)
@@ -294,6 +298,34 @@ def torch_program(L: int, *, causal: bool) -> Callable[[], Any]:
             return fp.favor_attention(q, k, v, w, causal=causal)
 
     return run
+
+
+def check_programs(L: int = 256) -> None:
+    """Before any timing: the paper-style program (without its 1e-4 epsilon) and the floor
+    compute favorplus's outputs and gradients, to float32 rounding, so the benchmark
+    compares programs for the same function; AssertionError otherwise. Relative errors
+    measured on the CPU: at most 2e-6 (the bound is 2e-5); with the epsilon the
+    paper-style output is off by about 3e-3. Products in full float32 (JAX would use
+    TF32 on a GPU)."""
+    import favorplus as fp
+
+    q, k, v = (jnp.asarray(a) for a in arrays(L))
+    w = jnp.asarray(fp.draw_projection(M, D, seed=1, dtype=np.float32))
+
+    def value_and_grads(f: Callable[..., jax.Array]) -> list[jax.Array]:
+        with jax.default_matmul_precision("highest"):
+            out, vjp = jax.vjp(f, q, k, v)
+            return [out, *vjp(jnp.cos(out))]  # a cotangent that is not all ones
+
+    for causal in (False, True):
+        impls = {"paper-style": functools.partial(paper_attention, w=w, causal=causal, eps=0.0)}
+        if causal:
+            impls["floor"] = functools.partial(floor_attention, w=w)
+        ref = value_and_grads(lambda q, k, v: fp.favor_attention(q, k, v, w, causal=causal))
+        for name, f in impls.items():
+            for what, a, b in zip(("output", "dq", "dk", "dv"), value_and_grads(f), ref):
+                err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+                assert err < 2e-5, f"{name}, causal={causal}: {what} is off by {err:.1e}"
 
 
 def alternated(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
@@ -406,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    check_programs()
     t0 = time.perf_counter()
     rows = bench(lengths, rounds, lambda s: print(s, flush=True))
 
