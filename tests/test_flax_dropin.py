@@ -180,9 +180,16 @@ def test_flax_masks_mean_what_nnx_says(name):
     exact = mha(x, mask=mask)
     rows = pad if query_padded else jnp.ones_like(pad)
     np.testing.assert_allclose(got[rows], expected[rows], rtol=1e-10, atol=1e-12)
-    # nnx gives a query with no key uniform weights over all keys: the mean of the values
-    # (nnx rounds somewhere in float32 here: 1e-6)
-    np.testing.assert_allclose(got[~rows], exact[~rows], rtol=1e-6, atol=1e-7)
+    if causal:
+        # no key: 0 before the output projection (nnx's uniform weights would reach later
+        # keys), as favor_attention gives it
+        np.testing.assert_array_equal(
+            got[~rows], jnp.broadcast_to(mha.out.bias[...], got[~rows].shape)
+        )
+    else:
+        # nnx gives a query with no key uniform weights over all keys: the mean of the values
+        # (nnx rounds somewhere in float32 here: 1e-6)
+        np.testing.assert_allclose(got[~rows], exact[~rows], rtol=1e-6, atol=1e-7)
     jitted = nnx.jit(lambda mod, x, mask: mod(x, mask=mask))(fav, x, mask)  # traced mask
     np.testing.assert_allclose(jitted, got, rtol=1e-10, atol=1e-12)
 
@@ -282,6 +289,36 @@ def test_decode_under_jax_jit_with_split_state_and_views():
         y, state = step(state, x[:, i : i + 1])
         outs.append(y)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_causal_rows_without_keys_do_not_see_later_tokens_and_match_decoding(traced):
+    # Left padding: with the causal mask, the first two (real) queries see no key.
+    _, fav = _pair()
+    x = _x()
+    key_valid = jnp.broadcast_to(jnp.arange(L) >= 2, (B, L))
+    mask = nnx.combine_masks(
+        nnx.make_causal_mask(x[..., 0]), nnx.make_attention_mask(jnp.ones((B, L)), key_valid)
+    )
+    call = (
+        nnx.jit(lambda m, x, mask: m(x, mask=mask))
+        if traced
+        else (lambda m, x, mask: m(x, mask=mask))
+    )
+    full = call(fav, x, mask)
+    t = 5
+    for later in (1e4, jnp.inf, jnp.nan):
+        changed = call(fav, x.at[:, t + 1 :].set(later), mask)
+        np.testing.assert_array_equal(changed[:, : t + 1], full[:, : t + 1])
+    np.testing.assert_array_equal(
+        full[:, :2], jnp.broadcast_to(fav.out.bias[...], full[:, :2].shape)
+    )
+    fav.init_cache(x.shape, F64)
+    steps = [
+        fav(x[:, i : i + 1], decode=True, mask=key_valid[:, None, None, i : i + 1])
+        for i in range(L)
+    ]
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-9, atol=1e-11)
 
 
 def test_decode_errors():

@@ -376,11 +376,15 @@ def _favor_heads(
     else:
         out, weights = jax.lax.cond(use, lambda: run(True), lambda: run(False))
     if valid is not None:
-        # nnx gives a query with no key to attend to uniform weights over all keys.
+        # nnx gives a query with no key to attend to uniform weights over all keys. In a
+        # causal call those would include later keys (a leak from the future): there the
+        # row is 0, as favor_attention and decode mode give it. ``use`` may be traced.
         row = valid[..., None]
-        out = jnp.where(row, out, jnp.mean(vh, axis=-2, keepdims=True).astype(out.dtype))
+        uniform = jnp.mean(vh, axis=-2, keepdims=True).astype(out.dtype)
+        out = jnp.where(row, out, jnp.where(use, jnp.zeros_like(uniform), uniform))
         if weights is not None:
-            weights = jnp.where(row, weights, jnp.asarray(1.0 / lk, weights.dtype))
+            fill = jnp.where(use, 0.0, 1.0 / lk).astype(weights.dtype)
+            weights = jnp.where(row, weights, fill)
     if weights is not None and module is not None:
         weights = weights.reshape(*weights.shape[:-4], heads, lq, lk)
         module.sow(nnx.Intermediate, "attention_weights", weights)
@@ -571,7 +575,8 @@ class FavorAttention(nnx.MultiHeadAttention):
       rows (what ``nnx.make_attention_mask``, ``nnx.make_causal_mask`` and
       ``nnx.combine_masks`` build); other patterns raise ``ValueError`` (inside
       ``jit``, when the program runs). Query rows with no key get uniform weights
-      over all keys, as in nnx.
+      over all keys, as in nnx, in a bidirectional call; in a causal call they are 0
+      (nnx's uniform weights would reach later keys), as in decode mode.
     - ``dropout_rate`` drops keys (shared by all queries of a head, numerator only,
       kept keys scaled by ``1 / (1 - rate)``): the expectation is the undropped
       output, as with nnx's dropout of the weights.
