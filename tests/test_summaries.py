@@ -77,3 +77,26 @@ def test_bad_summaries_are_clear_errors() -> None:
         ValueError, match=r"summary must have 8 features .* got state shape \(2, 3, 16, 9\)"
     ):
         fp.read_summary(q, s, fp.draw_projection(8, 8, seed=0))
+
+
+def test_summaries_that_do_not_fit_together_are_refused_naming_them() -> None:
+    _, k, v, w = _inputs()
+    w8 = fp.draw_projection(8, 8, seed=0)
+    s = fp.key_summary(k, v, w)
+    c = fp.causal_summary(k, v, w)
+    other = {  # another M, another dv, a batch that does not broadcast with (2, 3)
+        "M": (fp.key_summary(k, v, w8), fp.causal_summary(k, v, w8)),
+        "dv": (fp.key_summary(k, v[..., :5], w), fp.causal_summary(k, v[..., :5], w)),
+        "batch": (fp.key_summary(k[:, :2], v[:, :2], w), fp.causal_summary(k[:, :2], v[:, :2], w)),
+    }
+    for what, (s2, c2) in other.items():
+        name = "leading .batch. dimensions" if what == "batch" else "same last two axes"
+        with pytest.raises(ValueError, match=rf"{name}.*summaries\[1\]\.state"):
+            fp.merge_summaries(s, s2)
+        with pytest.raises(ValueError, match=rf"{name}.*states\[2\]\.numerator"):
+            fp.merge_causal_states(c, c, c2)
+        with pytest.raises(ValueError, match=rf"{name}.*states\[1\]\.numerator"):
+            fp.exclusive_prefix([c, c2, c])
+    # batch dimensions that broadcast still merge: (2, 3) with (3,)
+    merged = fp.merge_summaries(s, fp.key_summary(k[0], v[0], w))
+    assert merged.state.shape == s.state.shape

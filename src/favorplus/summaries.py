@@ -332,6 +332,11 @@ def merge_summaries(*summaries: KeySummary) -> KeySummary:
     summaries = tuple(_as_summary(s, i) for i, s in enumerate(summaries))
     if len(summaries) == 1:
         return summaries[0]
+    _check_alike(
+        [s.state for s in summaries],
+        [f"summaries[{i}].state" for i in range(len(summaries))],
+        "summaries",
+    )
     xp = common_namespace(**{f"summaries[{i}].state": s.state for i, s in enumerate(summaries)})
     levels = [s.level for s in summaries]
     level = levels[0]
@@ -342,6 +347,17 @@ def merge_summaries(*summaries: KeySummary) -> KeySummary:
     for s in summaries[1:]:
         state = state + rescale(xp, s, level)
     return KeySummary(state, level)
+
+
+def _check_alike(arrays: Sequence[Array], names: Sequence[str], what: str) -> None:
+    """Summaries or states to merge: the same (M, dv + 1) and batch shapes that broadcast."""
+    if len({tuple(a.shape[-2:]) for a in arrays}) > 1:
+        listed = ", ".join(f"{n}: {tuple(a.shape)}" for n, a in zip(names, arrays))
+        raise ValueError(
+            f"the {what} to merge must have the same last two axes (M features, dv + 1): "
+            f"blocks of one projection and one value width; got {listed}"
+        )
+    broadcast_shapes(*(a.shape[:-2] for a in arrays), names=names)
 
 
 def _as_summary(s: Any, i: int) -> KeySummary:
@@ -505,6 +521,11 @@ def merge_causal_states(*states: CausalState) -> CausalState:
     states = tuple(_as_state(s, i) for i, s in enumerate(states))
     if len(states) == 1:
         return states[0]
+    _check_alike(
+        [s.numerator for s in states],
+        [f"states[{i}].numerator" for i in range(len(states))],
+        "states",
+    )
     xp = common_namespace(**{f"states[{i}].numerator": s.numerator for i, s in enumerate(states)})
     c = states[0].log_scale
     for s in states[1:]:
@@ -538,6 +559,11 @@ def exclusive_prefix(states: Sequence[CausalState]) -> list[CausalState]:
     states = [_as_state(s, i) for i, s in enumerate(states)]
     if not states:
         return []
+    _check_alike(
+        [s.numerator for s in states],
+        [f"states[{i}].numerator" for i in range(len(states))],
+        "states",
+    )
     xp = common_namespace(**{f"states[{i}].numerator": s.numerator for i, s in enumerate(states)})
     first = states[0]
     floor = _floor(xp, first.log_scale.dtype)
