@@ -173,6 +173,44 @@ def test_more_queries_than_keys_causal_is_an_error(xp):
         fp.softmax_attention(q, k, k, causal=True)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dtype_minimum_drops_keys_like_minus_inf(xp, dtype):
+    """Hugging Face writes "masked" as finfo(dtype).min: the same as -inf, in key masks and
+    full causal masks (a bias of finfo.min would add exp(-3e38) = 0 anyway)."""
+    rng = np.random.default_rng(5)
+    q, k, v = _inputs(rng)
+    keep = rng.random((2, 1, 12)) > 0.3
+    low = np.finfo(dtype).min
+    tri = np.tril(np.ones((12, 12), dtype=bool))
+    args = [xp.asarray(a, dtype=dtype) for a in (q, k, v, fp.draw_projection(16, 8, seed=1))]
+    for kw, expect in (
+        ({"key_mask": np.where(keep, 0.0, low)}, {"key_mask": keep}),
+        (
+            {"attn_mask": np.where(tri & keep[..., None, :], 0.0, low)},
+            {"causal": True, "key_mask": keep},
+        ),
+    ):
+        got = fp.favor_attention(*args, **{n: xp.asarray(m, dtype=dtype) for n, m in kw.items()})
+        want = fp.favor_attention(
+            *args, **{n: xp.asarray(m) if n != "causal" else m for n, m in expect.items()}
+        )
+        assert np.all(np.isfinite(xp.numpy(got)))
+        np.testing.assert_array_equal(xp.numpy(got), xp.numpy(want))
+
+
+def test_large_finite_negatives_in_a_causal_pattern_are_refused_with_the_fix(xp):
+    """-1e9 above the diagonal is a bias of -1e9 for the earlier queries only (not the
+    dtype's minimum): refused, saying to write -inf; a relative-position bias is named as
+    such."""
+    rng = np.random.default_rng(6)
+    a = [xp.asarray(x) for x in (*_inputs(rng), fp.draw_projection(16, 8, seed=1))]
+    i, j = np.arange(12)[:, None], np.arange(12)[None, :]
+    with pytest.raises(ValueError, match=r"down to -1e\+09.*Write -inf"):
+        fp.favor_attention(*a, attn_mask=xp.asarray(np.where(j <= i, 0.0, -1e9)))
+    with pytest.raises(ValueError, match="relative-position bias"):
+        fp.favor_attention(*a, attn_mask=xp.asarray(np.where(j <= i, (i - j) * -0.5, -1e9)))
+
+
 @pytest.mark.parametrize(
     "pattern",
     [

@@ -348,8 +348,9 @@ def favor_attention(
     key_mask : array, shape (..., Lk) or (..., 1, Lk), optional
         Boolean: True where a key takes part. A masked key changes neither numerator
         nor denominator, whatever its values. Real floating: an additive mask, 0 to
-        keep a key, -inf to drop it, any other finite value ``b_j`` added to every
-        score of key j (exact: ``exp(b_j)`` multiplies its features). Rows with no
+        keep a key, -inf to drop it (so does any value at or below half the dtype's
+        minimum, Hugging Face's ``finfo.min``), any other finite value ``b_j`` added
+        to every score of key j (exact: ``exp(b_j)`` multiplies its features). Rows with no
         key to attend to return 0 (also when Lk = 0; Lq = 0 gives an empty output).
     attn_mask : array, optional
         An attention mask with the conventions of SDPA (bool True where a query may

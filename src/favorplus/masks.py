@@ -106,6 +106,22 @@ def _check_bias_values(mask: Array, name: str) -> None:
         )
 
 
+def _drop_level(xp: Namespace, mask: Array) -> float:
+    """Additive values at or below this drop the key, as -inf does: half the dtype's
+    minimum, the "masked" value of Hugging Face models (``finfo.min``) with room for
+    rounding. exp of such a value is 0 in every dtype; as a bias it would add nothing."""
+    return float(xp.finfo(mask.dtype).min) / 2
+
+
+def kept_keys(mask: Array) -> Array:
+    """Where a key mask keeps its key: True entries of a bool mask; entries of an additive
+    float mask above the drop level (-inf and the dtype's minimum drop a key)."""
+    xp = common_namespace(key_mask=mask)
+    if mask.dtype == xp.bool:
+        return mask
+    return mask > _drop_level(xp, mask)
+
+
 def _nonzero(x: Array) -> bool:
     """True unless the host can tell that ``x`` is all zero (a traced bias is kept)."""
     return not _readable(x) or bool(np.any(to_host(x) != 0))
@@ -126,12 +142,12 @@ def key_parts(
     if kind == "bool":
         return mask, None
     _check_bias_values(mask, name)
-    keep = mask != float("-inf")
+    keep = kept_keys(mask)
     bias = xp.where(keep, mask, xp.zeros((), dtype=mask.dtype, device=device(mask)))
     if not _readable(mask):
         return keep, bias
-    values = to_host(mask)
-    return (None if bool(np.all(values != -np.inf)) else keep), (bias if _nonzero(bias) else None)
+    keep_host = to_host(keep)
+    return (None if bool(np.all(keep_host)) else keep), (bias if _nonzero(bias) else None)
 
 
 def split_mask(mask: Array, q_len: int, k_len: int, *, name: str = "attn_mask") -> MaskParts:
@@ -142,7 +158,9 @@ def split_mask(mask: Array, q_len: int, k_len: int, *, name: str = "attn_mask") 
     mask : array, bool or real floating
         SDPA's conventions: bool True where a query may attend to a key, or an
         additive float mask (0 to keep, -inf to drop, any other finite value added
-        to the scores). Shape (..., Lk), (..., 1, Lk) (a key mask) or (..., Lq, Lk).
+        to the scores; values at or below half the dtype's minimum drop a key like
+        -inf, as Hugging Face's ``finfo.min`` means). Shape (..., Lk), (..., 1, Lk)
+        (a key mask) or (..., Lq, Lk).
     q_len, k_len : int
         The numbers of queries Lq and keys Lk.
     name : str
@@ -198,7 +216,7 @@ def split_mask(mask: Array, q_len: int, k_len: int, *, name: str = "attn_mask") 
     if kind == "float":
         _check_bias_values(mask, name)
     values = to_host(mask)
-    allowed = values if kind == "bool" else values != -np.inf
+    allowed = values if kind == "bool" else values > _drop_level(xp, mask)
     rows = np.arange(q_len)[:, None]
     cols = np.arange(k_len)[None, :]
     tri = cols <= rows + (k_len - q_len)
@@ -219,11 +237,25 @@ def split_mask(mask: Array, q_len: int, k_len: int, *, name: str = "attn_mask") 
     if kind == "float":
         seen = np.where(allowed, values, -np.inf).max(axis=-2)  # per key, over its rows
         column = np.where(np.isfinite(seen), seen, 0.0)
-        if not np.all(np.where(allowed, values == column[..., None, :], True)):
+        differ = allowed & (values != column[..., None, :])
+        if np.any(differ):
+            big = differ & (values <= -1e4)  # most likely meant as "masked"
+            what = []
+            if np.any(big):
+                what.append(
+                    f"large negative finite values (down to {float(values[big].min()):.3g}) "
+                    "where other queries see the key: finite values are biases added to the "
+                    "scores, not 'masked'. Write -inf (or the dtype's minimum) for masked "
+                    "positions, or pass a bool mask or causal=True"
+                )
+            if np.any(differ & ~big):
+                what.append(
+                    "values that differ between queries (a per-query or relative-position bias)"
+                )
             raise ValueError(
                 f"{name} is not computable by FAVOR+ in linear time: its finite values must "
-                "be the same for every query that sees a key (a per-key bias), got values "
-                "that differ between queries (a per-query or relative-position bias)"
+                f"be the same for every query that sees a key (a per-key bias); got "
+                + "; and ".join(what)
             )
         if np.any(column != 0):
             bias = column

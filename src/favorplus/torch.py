@@ -55,7 +55,7 @@ from .attention import favor_attention, favor_attention_matrix
 from .causal import CausalState, favor_attention_step
 from .estimators import FeatureStatistics, feature_statistics
 from .features import KernelLike, resolve_kernel
-from .masks import split_mask
+from .masks import kept_keys, split_mask
 from .projection import default_num_features, draw_projection, host_generator
 
 __all__ = [
@@ -545,9 +545,7 @@ class FavorAttention(nn.Module):
     @torch.no_grad()
     def _update_statistics(self, q: Tensor, k: Tensor, key_mask: Tensor | None) -> None:
         """One training batch's per-head statistics into the running ones (no gradient)."""
-        keep = key_mask
-        if keep is not None and keep.dtype != torch.bool:
-            keep = keep != float("-inf")  # an additive mask: -inf drops a key
+        keep = None if key_mask is None else kept_keys(key_mask)
         batch = feature_statistics(q.detach(), k.detach(), key_mask=keep, axis=0)
         shape = (self.num_heads, self.head_dim)
         running = self.running_statistics
@@ -806,8 +804,8 @@ class FavorAttention(nn.Module):
         value : Tensor, shape (S, N, vdim), (N, S, vdim) or (S, vdim); default ``key``
         key_padding_mask : Tensor, shape (N, S) or unbatched (S,), optional
             bool: True where a key is padding and is ignored; float: added to the
-            scores of each key (0 keeps, -inf drops, other values are per-key biases,
-            computed exactly).
+            scores of each key (0 keeps, -inf or the dtype's minimum drops, other values
+            are per-key biases, computed exactly).
         need_weights : bool
             Also return the attention weights: the implicit FAVOR+ weights
             (:func:`favorplus.favor_attention_matrix`, with this call's masks and

@@ -72,6 +72,7 @@ from .attention import favor_attention, favor_attention_matrix
 from .causal import CausalState, favor_attention_step
 from .estimators import FeatureStatistics, feature_statistics
 from .features import KERNELS
+from .masks import kept_keys
 from .projection import default_num_features, draw_projection
 
 __all__ = [
@@ -580,9 +581,7 @@ def _update_statistics(
     """One training call's per-head statistics into the module's running ones."""
     heads, dim = query.shape[1], query.shape[-1]
     running = _running(module, heads, dim, query.device)
-    keep = None
-    if key_mask is not None:
-        keep = key_mask if key_mask.dtype == torch.bool else key_mask != float("-inf")
+    keep = None if key_mask is None else kept_keys(key_mask)
     batch = feature_statistics(query.detach(), key.detach(), key_mask=keep, axis=0)
     new, count = updated_statistics(
         tuple(running),
