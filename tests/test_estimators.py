@@ -662,3 +662,25 @@ def test_init_causal_state_and_errors():
         fp.favor_attention(q, k, v, w, kernel="softmax_fancy")
     with pytest.raises(ValueError, match="kind"):
         fp.draw_projection(4, 4, kind="simplexx")
+    # arrays of A are held to what numbers are: finite and below 1/8 everywhere
+    for a in (np.array(-np.inf), np.array([-np.inf, 0.0]), np.array(0.2)):
+        for est in (fp.OPRF(a=a), fp.SADERF(psi=np.ones(D), a=a)):
+            with pytest.raises(ValueError, match="finite and below 1/8"):
+                fp.favor_attention(q, k, v, w, kernel=est)
+
+
+def test_oprf_second_moment_checks_its_arguments():
+    x = np.array([0.3, -0.2, 0.1])
+    for a in (0.125, 0.2, float("nan"), np.array([0.0, 0.2]), np.array(-np.inf)):
+        with pytest.raises(ValueError, match="finite and below 1/8"):
+            fp.oprf_second_moment(x, x, a)
+    with pytest.raises(ValueError, match=r"x and y must have shape \(\.\.\., d\) with the same d"):
+        fp.oprf_second_moment(x, x[:2], 0.0)
+    with pytest.raises(TypeError, match="x must have a real floating dtype"):
+        fp.oprf_second_moment(np.array([1, 2, 3]), x, 0.0)
+    with pytest.raises(TypeError, match="a must be a real number"):
+        fp.oprf_second_moment(x, x, None)
+    # at A = 0, FAVOR+'s second moment: exp(2 |x + y|^2 - |x|^2 - |y|^2)
+    y = np.array([0.1, 0.4, -0.3])
+    expected = np.exp(2 * np.sum((x + y) ** 2) - np.sum(x * x) - np.sum(y * y))
+    assert np.isclose(fp.oprf_second_moment(x, y, np.array(0.0)), expected, rtol=1e-12)

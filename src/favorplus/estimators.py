@@ -395,6 +395,20 @@ def oprf_second_moment(x: Array, y: Array, a: Array | float) -> Array:
     True
     """
     xp = common_namespace(x=x, y=y)
+    check_float(xp, "x", x)
+    check_float(xp, "y", y)
+    if x.ndim < 1 or y.ndim < 1 or x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"x and y must have shape (..., d) with the same d; got shapes {tuple(x.shape)} "
+            f"and {tuple(y.shape)}"
+        )
+    a = _check_a_value(a)
+    if a is None:
+        raise TypeError("a must be a real number or a floating array; got None")
+    if not isinstance(a, float):
+        common_namespace(x=x, a=a)
+        check_float(xp, "a", a)
+        _check_a_array(xp, a)
     d = x.shape[-1]
     z = x + y
     zz = xp.sum(z * z, axis=-1)
@@ -425,6 +439,12 @@ def _check_a_value(a: Any) -> Any:
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"a must be a real number or a floating array; got {type(a).__name__}")
     return a
+
+
+def _check_a_array(xp: Namespace, a: Array) -> None:
+    """An array ``a`` that the host can read: finite and below 1/8 everywhere."""
+    if host_readable(a) and not _holds(xp, a, lambda ns, x: ns.isfinite(x) & (x < A_MAX)):
+        raise ValueError(f"a must be finite and below 1/8 (finite variance) everywhere; got {a}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -697,8 +717,7 @@ def _check_params(
         common_namespace(q=q, a=a)
         check_float(xp, "a", a)
         fits("a", tuple(a.shape))
-        if host_readable(a) and not _holds(xp, a, lambda ns, x: x < A_MAX):
-            raise ValueError(f"a must be below 1/8 (finite variance) everywhere; got {a}")
+        _check_a_array(xp, a)
     psi = getattr(spec, "psi", None)
     if psi is not None:
         common_namespace(q=q, psi=psi)
