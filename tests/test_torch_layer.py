@@ -375,3 +375,24 @@ def test_default_number_of_features():
         layer = FavorAttention(d * 2, 2, seed=0)
         expected = max(d, round(d * math.log(d))) if d > 1 else 1
         assert layer.num_features == expected >= d
+
+
+def test_meta_tensors_give_shapes_without_reading_values():
+    """Shape inference on torch's meta device (no values: nothing may be read on the host)."""
+    q = k = v = torch.empty(2, 3, 10, 4, device="meta", dtype=torch.float64)
+    w = torch.empty(16, 4, device="meta", dtype=torch.float64)
+    for causal in (False, True):
+        out = fp.favor_attention(
+            q, k, v, w, causal=causal, key_mask=torch.ones(10, dtype=torch.bool, device="meta")
+        )
+        assert (out.shape, out.device.type, out.dtype) == ((2, 3, 10, 4), "meta", torch.float64)
+    out, state = fp.favor_attention_step(q, k, v, w)
+    assert out.shape == (2, 3, 10, 4) and state.numerator.device.type == "meta"
+    layer = FavorAttention(8, 2, batch_first=True, device="meta")
+    y, _ = layer(
+        *(torch.empty(2, 10, 8, device="meta"),) * 3,
+        is_causal=True,
+        need_weights=False,
+        attn_mask=None,
+    )
+    assert (y.shape, y.device.type) == ((2, 10, 8), "meta")

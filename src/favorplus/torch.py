@@ -50,6 +50,7 @@ from ._running import (
     updated_statistics,
     with_statistics,
 )
+from ._torch_amp import autocast_off
 from ._validation import check_flag
 from .attention import favor_attention, favor_attention_matrix
 from .causal import CausalState, favor_attention_step
@@ -202,7 +203,7 @@ def scaled_dot_product_attention(
     if p > 0 and key.ndim >= 2:
         batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         keep = _dropout_keep(p, (*batch, key.shape[-2]), key.device)
-    with torch.autocast(device_type=query.device.type, enabled=False):
+    with autocast_off(query.device):
         return favor_attention(
             query,
             key,
@@ -897,7 +898,7 @@ class FavorAttention(nn.Module):
             keep = _dropout_keep(self.dropout, (n, h, k.shape[2]), k.device)
 
         kernel = self.call_kernel(causal)
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device):
             out = favor_attention(
                 q,
                 k,
@@ -998,7 +999,7 @@ class FavorAttention(nn.Module):
         if key_padding_mask is not None:
             pad = _padding_mask(key_padding_mask, n, steps, batched, "new tokens")
             key_mask = torch.logical_not(pad) if pad.dtype == torch.bool else pad
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device):
             if state is None:
                 statistics = None
                 if self.tracks_statistics:

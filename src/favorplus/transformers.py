@@ -68,6 +68,7 @@ from ._running import (
     updated_statistics,
     with_statistics,
 )
+from ._torch_amp import autocast_off
 from .attention import favor_attention, favor_attention_matrix
 from .causal import CausalState, favor_attention_step
 from .estimators import FeatureStatistics, feature_statistics
@@ -762,7 +763,7 @@ def favorplus_attention_forward(
     tracking = tracks_statistics(kernel)
     want_weights = bool(kwargs.get("output_attentions", False)) or _recording_attentions()
     cache_layer = kwargs.get(_CACHE_KWARG)
-    with torch.autocast(device_type=query.device.type, enabled=False):
+    with autocast_off(query.device):
         if cache_layer is not None:
             if tracking:
                 # Decoding: the running statistics as the sequence starts, for all of it.

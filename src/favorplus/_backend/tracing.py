@@ -73,8 +73,9 @@ def _torch_traced(x: Array) -> bool:
 def host_readable(x: Array) -> bool:
     """True for eager CPU arrays, whose values the host can read mid-computation at no
     cost (a check that picks a fast path); False on GPUs, in traced JAX programs, in
-    torch.compile graphs, inside torch.func transforms and for (lazy) dask arrays."""
-    if is_dask(x):
+    torch.compile graphs, inside torch.func transforms, for (lazy) dask arrays and for
+    torch tensors off the CPU (``meta`` ones hold no values at all)."""
+    if is_dask(x) or (is_torch(x) and x.device.type != "cpu"):
         return False
     return not ((is_jax(x) and is_traced(x)) or on_accelerator(x) or _torch_traced(x))
 
