@@ -100,3 +100,14 @@ def test_summaries_that_do_not_fit_together_are_refused_naming_them() -> None:
     # batch dimensions that broadcast still merge: (2, 3) with (3,)
     merged = fp.merge_summaries(s, fp.key_summary(k[0], v[0], w))
     assert merged.state.shape == s.state.shape
+
+
+def test_bad_keys_are_named_k() -> None:
+    _, k, v, w = _inputs()
+    for summary in (fp.key_summary, fp.causal_summary):
+        with pytest.raises(TypeError, match=r"^k must be an array"):
+            summary(k.tolist(), v, w)
+        with pytest.raises(TypeError, match=r"^k must have a real floating dtype"):
+            summary(k.astype(np.int64), v, w)
+        with pytest.raises(ValueError, match=r"^k must have at least 2 dimensions"):
+            summary(k[0, 0, 0], v, w)

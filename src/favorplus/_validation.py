@@ -98,9 +98,10 @@ def check_attention_inputs(
 
     causal = check_flag("causal", causal)
 
-    require(q=q, k=k, v=v)
-    xp = common_namespace(q=q, k=k, v=v, projection=projection, key_mask=key_mask)
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    # k and v first: the summaries pass k as q too, and a bad k must be named k.
+    require(k=k, v=v, q=q)
+    xp = common_namespace(k=k, v=v, q=q, projection=projection, key_mask=key_mask)
+    for name, x in (("k", k), ("v", v), ("q", q)):
         check_float(xp, name, x)
         if x.ndim < 2:
             raise ValueError(
