@@ -257,6 +257,11 @@ def test_bad_mask_values_and_types(xp):
         fp.favor_attention(*a, key_mask=xp.asarray(nan))
     with pytest.raises(ValueError, match=r"attn_mask .* finite values or -inf; got \+inf"):
         fp.favor_attention(*a, attn_mask=xp.asarray(np.full((12, 12), np.inf)))
+    for bad, what in ((np.nan, "NaN"), (np.inf, r"\+inf")):  # the exact reference too
+        mask = np.zeros((12, 12))
+        mask[4, 2] = bad
+        with pytest.raises(ValueError, match=rf"attn_mask .* finite values or -inf; got {what}"):
+            fp.softmax_attention(*a[:3], attn_mask=xp.asarray(mask))
     with pytest.raises(ValueError, match=r"attn_mask must have shape .* got shape \(5, 12\)"):
         fp.favor_attention(*a, attn_mask=xp.asarray(np.ones((5, 12), dtype=bool)))
     with pytest.raises(ValueError, match=r"key_mask must have shape \(\.\.\., Lk\)"):

@@ -36,7 +36,7 @@ from ._prepare import prepare
 from ._stabilize import NEG_INF, below, bidirectional_features, query_features
 from ._validation import check_attention_inputs, check_flag
 from .features import Kernel, KernelLike, feature_parts, resolve_kernel
-from .masks import with_key_bias
+from .masks import check_bias_values, with_key_bias
 
 __all__ = ["favor_attention", "favor_attention_matrix", "softmax_attention"]
 
@@ -676,6 +676,8 @@ def _check_full_mask(xp: Namespace, mask: Array, lq: int, lk: int) -> None:
             f"attn_mask must have shape (..., Lq, Lk) or broadcast to it (Lq = {lq}, "
             f"Lk = {lk}); got shape {shape}"
         )
+    if mask.dtype != xp.bool:
+        check_bias_values(mask, "attn_mask")
 
 
 def _softmax_core(

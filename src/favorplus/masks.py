@@ -93,7 +93,7 @@ def _kind(xp: Namespace, mask: Array, name: str) -> str:
     )
 
 
-def _check_bias_values(mask: Array, name: str) -> None:
+def check_bias_values(mask: Array, name: str) -> None:
     """An additive mask holds finite values or -inf (NaN and +inf have no meaning)."""
     if not _readable(mask):
         return
@@ -141,7 +141,7 @@ def key_parts(
         )
     if kind == "bool":
         return mask, None
-    _check_bias_values(mask, name)
+    check_bias_values(mask, name)
     keep = kept_keys(mask)
     bias = xp.where(keep, mask, xp.zeros((), dtype=mask.dtype, device=device(mask)))
     if not _readable(mask):
@@ -214,7 +214,7 @@ def split_mask(mask: Array, q_len: int, k_len: int, *, name: str = "attn_mask") 
             "causal=True instead"
         )
     if kind == "float":
-        _check_bias_values(mask, name)
+        check_bias_values(mask, name)
     values = to_host(mask)
     allowed = values if kind == "bool" else values > _drop_level(xp, mask)
     rows = np.arange(q_len)[:, None]
