@@ -130,11 +130,35 @@ def test_float32_dropout_and_numpy_masks() -> None:
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
 
 
+def test_full_numpy_masks_are_read_on_the_host() -> None:
+    # A NumPy (Lq, Lk) mask beside dask inputs: causal and/or key padding plus per-key
+    # biases, as for NumPy inputs; other patterns are refused as there.
+    q, k, v, w = _numpy_inputs(6)
+    tri = np.tril(np.ones((60, 60), dtype=bool))
+    pad = np.arange(60) < np.array([[60], [45]])  # (2, 60)
+    bias = np.random.default_rng(8).standard_normal(60)
+    masks = {
+        "causal": tri,
+        "causal_padding": tri & pad[:, None, None, :],
+        "padding_additive": np.where(pad[:, None, None, :], bias, -np.inf) + np.zeros((60, 60)),
+        "causal_bias": np.where(tri, bias, -np.inf),
+    }
+    for name, mask in masks.items():
+        with dask.config.set(scheduler=_no_compute):
+            out = fp.favor_attention(_lazy(q), _lazy(k), _lazy(v), w, attn_mask=mask)
+        ref = fp.favor_attention(q, k, v, w, attn_mask=mask)
+        got = out.compute(scheduler="sync")
+        np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-12, err_msg=name)
+    band = np.abs(np.arange(60)[:, None] - np.arange(60)[None, :]) <= 3
+    with pytest.raises(ValueError, match="not computable by FAVOR\\+ in linear time"):
+        fp.favor_attention(_lazy(q), _lazy(k), _lazy(v), w, attn_mask=band)
+
+
 def test_dask_errors_are_clear() -> None:
     q, k, v, w = _numpy_inputs()
     lq, lk, lv = _lazy(q), _lazy(k), _lazy(v)
     full = da.from_array(np.tril(np.ones((60, 60), dtype=bool)))
-    with pytest.raises(ValueError, match=r"attn_mask of shape \(60, 60\) .* pass key_mask"):
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(60, 60\) .* is a dask array"):
         fp.favor_attention(lq, lk, lv, w, attn_mask=full)
     with pytest.raises(ValueError, match=r"dask arrays support the FAVOR\+ kernels"):
         fp.favor_attention(lq, lk, lv, w, kernel=fp.OPRF())

@@ -255,7 +255,7 @@ def dask_attention(
     """:func:`favorplus.favor_attention` of dask arrays, as a lazy dask array.
 
     NumPy projections and masks are accepted beside dask q, k, v (they are wrapped as
-    one-chunk dask arrays). The sequence axis may have any chunks, uneven ones
+    one-chunk dask arrays; a full NumPy attn_mask is decomposed on the host first). The sequence axis may have any chunks, uneven ones
     included; causal calls rechunk k, v and the key masks to the queries' chunks (and,
     with fewer queries than keys, put one chunk boundary where the queries start).
     """
@@ -269,15 +269,27 @@ def dask_attention(
             "dask arrays support the FAVOR+ kernels; got the estimator "
             f"{kern.name!r}, whose parameters would be fitted to all the data before any chunk"
         )
+    lq = q.shape[-2]
+    if isinstance(attn_mask, np.ndarray) and attn_mask.ndim >= 2 and attn_mask.shape[-2] == lq:
+        # A full NumPy mask is read on the host now: the causal flag and a key mask.
+        from .masks import split_mask
+
+        parts = split_mask(attn_mask, lq, k.shape[-2])
+        causal = bool(causal) or parts.causal
+        attn_mask = parts.key_mask
+        if parts.key_bias is not None:
+            keep = True if parts.key_mask is None else parts.key_mask
+            attn_mask = np.where(keep, parts.key_bias, -np.inf)
+        if attn_mask is not None:
+            attn_mask = np.asarray(attn_mask)[..., None, :]
     projection, key_mask, attn_mask, dropout_keep = (
         _as_dask(x) for x in (projection, key_mask, attn_mask, dropout_keep)
     )
-    lq = q.shape[-2]
     if attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] == lq != 1:
         raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} (one row per query) cannot be "
-            "inspected on dask arrays without computing it: pass key_mask (..., Lk) and "
-            "causal=True instead"
+            f"attn_mask of shape {tuple(attn_mask.shape)} (one row per query) is a dask "
+            "array, which cannot be inspected without computing it: pass a NumPy mask, or "
+            "key_mask (..., Lk) and causal=True instead"
         )
     if dropout_keep is None and check_dropout_p(dropout_p) > 0.0:
         # A host draw, as for eager arrays (one bool per key and row), wrapped lazily.
