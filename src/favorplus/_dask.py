@@ -255,9 +255,10 @@ def dask_attention(
     """:func:`favorplus.favor_attention` of dask arrays, as a lazy dask array.
 
     NumPy projections and masks are accepted beside dask q, k, v (they are wrapped as
-    one-chunk dask arrays; a full NumPy attn_mask is decomposed on the host first). The sequence axis may have any chunks, uneven ones
-    included; causal calls rechunk k, v and the key masks to the queries' chunks (and,
-    with fewer queries than keys, put one chunk boundary where the queries start).
+    one-chunk dask arrays; a full NumPy attn_mask is decomposed on the host first). The
+    sequence axis may have any chunks, uneven ones included; causal calls rechunk k, v
+    and the key masks to the queries' chunks (and, with fewer queries than keys, put one
+    chunk boundary where the queries start).
     """
     import dask.array as da
 
