@@ -682,14 +682,6 @@ def _recording_attentions() -> bool:
     return bool(collected) and any("attentions" in key for key in collected)
 
 
-def _additive_as_inf(mask: Tensor) -> Tensor:
-    """transformers' additive masks use the dtype's minimum for "masked": make it -inf."""
-    if mask.dtype == torch.bool:
-        return mask
-    floor = torch.finfo(mask.dtype).min / 2
-    return torch.where(mask <= floor, torch.full_like(mask, float("-inf")), mask)
-
-
 def favorplus_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -849,7 +841,8 @@ def _resolve_mask(
         return query, key, value, {"causal": causal}
     if not isinstance(mask, FavorMask):
         if isinstance(mask, Tensor):
-            return query, key, value, {"attn_mask": _additive_as_inf(mask)}
+            # (the dtype's minimum, transformers' "masked", drops a key like -inf)
+            return query, key, value, {"attn_mask": mask}
         raise TypeError(
             "favorplus attention takes the mask of favorplus_mask (a FavorMask), a tensor or "
             f"None; got {type(mask).__name__}"
