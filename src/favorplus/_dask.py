@@ -276,7 +276,8 @@ def dask_attention(
         from .masks import split_mask
 
         parts = split_mask(attn_mask, lq, k.shape[-2])
-        causal = bool(causal) or parts.causal
+        if parts.causal:
+            causal = True
         attn_mask = parts.key_mask
         if parts.key_bias is not None:
             keep = True if parts.key_mask is None else parts.key_mask

@@ -360,6 +360,11 @@ def _check_alike(arrays: Sequence[Array], names: Sequence[str], what: str) -> No
     broadcast_shapes(*(a.shape[:-2] for a in arrays), names=names)
 
 
+def _check_states_alike(states: Sequence[CausalState]) -> None:
+    names = [f"states[{i}].numerator" for i in range(len(states))]
+    _check_alike([s.numerator for s in states], names, "states")
+
+
 def _as_summary(s: Any, i: int) -> KeySummary:
     if not (isinstance(s, tuple) and len(s) == 2):
         raise TypeError(
@@ -521,11 +526,7 @@ def merge_causal_states(*states: CausalState) -> CausalState:
     states = tuple(_as_state(s, i) for i, s in enumerate(states))
     if len(states) == 1:
         return states[0]
-    _check_alike(
-        [s.numerator for s in states],
-        [f"states[{i}].numerator" for i in range(len(states))],
-        "states",
-    )
+    _check_states_alike(states)
     xp = common_namespace(**{f"states[{i}].numerator": s.numerator for i, s in enumerate(states)})
     c = states[0].log_scale
     for s in states[1:]:
@@ -559,11 +560,7 @@ def exclusive_prefix(states: Sequence[CausalState]) -> list[CausalState]:
     states = [_as_state(s, i) for i, s in enumerate(states)]
     if not states:
         return []
-    _check_alike(
-        [s.numerator for s in states],
-        [f"states[{i}].numerator" for i in range(len(states))],
-        "states",
-    )
+    _check_states_alike(states)
     xp = common_namespace(**{f"states[{i}].numerator": s.numerator for i, s in enumerate(states)})
     first = states[0]
     floor = _floor(xp, first.log_scale.dtype)
