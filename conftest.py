@@ -16,6 +16,7 @@ collect_ignore = [
     f"src/favorplus/{module}.py"
     for module, needs in (
         ("torch", "torch"),
+        ("_torch_amp", "torch"),
         ("flax", "flax"),
         ("transformers", "transformers"),
         ("sklearn", "sklearn"),
