@@ -182,11 +182,22 @@ with jax.set_mesh(mesh):
     res["explicit-grad"] = max(
         float(jnp.max(jnp.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(g, gr)
     )
-    try:  # a key mask not sharded like the keys
-        fp.favor_attention(*args[:3], w, key_mask=put(masks["bool"], P("b", None, None)))
-        res["explicit-mask"] = "no error"
-    except ValueError as e:
-        res["explicit-mask"] = str(e)
+    # A key mask not sharded like k: not along the keys, or along the keys but with its
+    # batch axis replicated (each shard would pair the whole batch's mask with its half
+    # of the batch, and the output come back with twice the batch).
+    for case, spec in (("keys", P("b", None, None)), ("batch", P(None, None, "s"))):
+        try:
+            fp.favor_attention(*args[:3], w, key_mask=put(masks["bool"], spec))
+            res[f"explicit-mask-{case}"] = "no error"
+        except ValueError as e:
+            res[f"explicit-mask-{case}"] = str(e)
+    # One mask row for every batch row and head, (L,) sharded over the keys: broadcast.
+    row = np.asarray(masks["bool"])[1, 0]
+    out = jax.jit(lambda q, k, v, m: fp.favor_attention(q, k, v, w, causal=True, key_mask=m))(
+        *args[:3], put(row, P("s"))
+    )
+    ref = fp.favor_attention(*map(np.asarray, (q0, k0, v0, w)), causal=True, key_mask=row)
+    res["explicit-mask-row"] = float(jnp.max(jnp.abs(np.asarray(out) - np.asarray(ref))))
 
 try:
     fp.favor_attention(q0, k0, v0, w, axis_name="nowhere")

@@ -80,5 +80,8 @@ def test_plain_call_under_jit_on_a_sequence_sharded_explicit_mesh(results: dict)
         assert results[f"explicit-{causal}"] < 1e-12
         assert results[f"explicit-spec-{causal}"] == "P('b', None, 's', None)"
     assert results["explicit-grad"] < 1e-11
-    err = results["explicit-mask"]
-    assert "needs key_mask sharded along its last (key) axis over 's'" in err, err
+    assert results["explicit-mask-row"] < 1e-12
+    for case in ("keys", "batch"):
+        err = results[f"explicit-mask-{case}"]
+        assert "needs key_mask sharded like k: its last (key) axis over 's'" in err, err
+        assert "key_mask.shape=(2, 1, 64)" in err, err

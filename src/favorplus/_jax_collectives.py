@@ -79,6 +79,35 @@ def explicit_sequence_axis(k: Any) -> Any:
     return spec[k.ndim - 2]
 
 
+def _check_key_aligned(
+    hint: str, name: str, x: Any, spec: tuple[Any, ...], k: Any, sk: tuple[Any, ...], axis: Any
+) -> None:
+    """A key mask (shape ``(..., Lk)``) sharded like k: its last axis over ``axis``, each
+    leading axis either of size 1 (broadcast, not sharded) or of k's size and spec (its
+    leading axes align with k's from the right and do not extend k's batch). Each shard
+    then holds the mask of its own keys, batch rows and heads."""
+    from jax.sharding import PartitionSpec as P
+
+    lead = k.ndim - 2
+    n = x.ndim - 1
+    aligned = n <= lead and spec[-1] == axis
+    for i in range(n):
+        j = lead - n + i
+        if not aligned:
+            break
+        if x.shape[i] == 1:
+            aligned = spec[i] is None
+        else:
+            aligned = x.shape[i] == k.shape[j] and spec[i] == sk[j]
+    if not aligned:
+        raise ValueError(
+            f"{hint}, which needs {name} sharded like k: its last (key) axis over {axis!r}, "
+            f"each leading axis of size 1 or of k's size and sharded like k's (k.shape="
+            f"{tuple(k.shape)}, spec {P(*sk)}); got {name}.shape={tuple(x.shape)} with the "
+            f"spec {P(*spec)}"
+        )
+
+
 def sequence_shard_map(call: Any, axis: Any, arrays: dict[str, Any]) -> Any:
     """``call(axis_name=axis, **arrays)`` inside ``jax.shard_map`` over the explicit mesh
     of the arrays' types: what a sequence-sharded ``favor_attention`` under ``jax.jit``
@@ -116,11 +145,8 @@ def sequence_shard_map(call: Any, axis: Any, arrays: dict[str, Any]) -> Any:
             f"specs q {P(*sq)}, k {P(*sk)}, v {P(*sv)}"
         )
     for name in ("key_mask", "dropout_keep"):
-        if name in arrays and specs[name][-1] != axis:
-            raise ValueError(
-                f"{hint}, which needs {name} sharded along its last (key) axis over "
-                f"{axis!r} like k; got the spec {P(*specs[name])}"
-            )
+        if name in arrays:
+            _check_key_aligned(hint, name, arrays[name], specs[name], k, sk, axis)
     if "projection" in arrays and any(e is not None for e in specs["projection"]):
         raise ValueError(
             f"{hint}, which needs the projection replicated; got the spec {P(*specs['projection'])}"
