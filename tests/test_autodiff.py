@@ -298,3 +298,25 @@ def test_torch_func_vmap_equals_batched_call(blocks, causal):
 
     mapped = torch.func.vmap(one)(tq, tk, tv, tm)
     np.testing.assert_allclose(mapped.numpy(), one(tq, tk, tv, tm).numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mapped", ["k", "v", "kv", "km", "qv", "m"])
+def test_torch_func_vmap_with_unmapped_inputs(blocks, causal, mapped):
+    """vmap over some inputs only (``in_dims`` None for the others, e.g. one query for
+    a batch of key sets) equals the loop over the mapped axis; an in-place step on an
+    unmapped temporary with a mapped operand would need the batch axis it lacks."""
+    torch = pytest.importorskip("torch")
+    q, k, v, mask, w = _problem(L=30, m=20, seed=7)
+    tq, tk, tv, tw, tm = (torch.tensor(a) for a in (q, k, v, w, mask))
+    full = dict(zip("qkvm", (tq, tk, tv, tm)))
+    dims = tuple(0 if n in mapped else None for n in "qkvm")
+    args = [full[n] if d == 0 else full[n][0] for n, d in zip("qkvm", dims)]
+
+    def one(q, k, v, m):
+        return fp.favor_attention(q, k, v, tw, causal=causal, key_mask=m, chunk_size=4)
+
+    got = torch.func.vmap(one, in_dims=dims)(*args)
+    rows = [[a[i] if d == 0 else a for a, d in zip(args, dims)] for i in range(tq.shape[0])]
+    want = torch.stack([one(*row) for row in rows])
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-14)

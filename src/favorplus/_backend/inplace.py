@@ -40,9 +40,20 @@ def _mutable(x: Array) -> str | None:
     return None
 
 
+def _functorch_wrapped(y: Array | float) -> bool:
+    """True for a tensor that a ``torch.func`` transform wraps (vmap's batched tensors
+    and the like): its ``shape`` is one example's, so ``_fits`` cannot tell whether
+    ``x op y`` has x's shape, and an unwrapped x cannot take the result in place."""
+    if not is_torch(y):
+        return False
+    wrapped = getattr(sys.modules["torch"]._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and wrapped(y)
+
+
 def _binary(x: Array, y: Array | float, owned: bool, name: str, op: Any) -> Array:
     """``op(x, y)``, in place on x (torch ``x.<name>_``, NumPy ``out=x``) when allowed."""
-    kind = _mutable(x) if owned and _fits(x, y) else None
+    fits = owned and _fits(x, y) and not _functorch_wrapped(y)
+    kind = _mutable(x) if fits else None
     if kind == "torch":
         return getattr(x, f"{name}_")(y)
     if kind == "numpy":
