@@ -46,6 +46,37 @@ def main(rank: int, world: int, port: int, case: str, path: str) -> None:
             torch.sin(ref).sum().backward()
             pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in ((qs, qf), (ks, kf), (vs, vf))]
             results[f"{causal}-{kernel}"] = [_gap(a, b[..., lo:hi, :]) for a, b in pairs]
+    # Masks held unevenly: an additive mask whose -inf entries fall on rank 0 only (other
+    # ranks' pieces are all finite biases, so favorplus splits the pieces differently);
+    # a bool mask on rank 0 and none on the other ranks (their keys all kept).
+    fmask = torch.tensor(rng.standard_normal((b, 1, L)) * 0.3)
+    fmask[..., 1] = -torch.inf
+    first = torch.where(torch.arange(L) < int(cuts[1]), mask, True)  # rank 0's mask only
+    cases = {
+        "float": (fmask, fmask[..., lo:hi]),
+        "partial": (first, mask[..., lo:hi] if rank == 0 else None),
+    }
+    for causal in (False, True):
+        for name, (full, piece) in cases.items():
+            qs, ks, vs = (x[..., lo:hi, :] for x in (q, k, v))
+            group = dist.group.WORLD
+            out = fp.favor_attention(
+                qs, ks, vs, w, causal=causal, key_mask=piece, process_group=group
+            )
+            ref = fp.favor_attention(q, k, v, w, causal=causal, key_mask=full)
+            results[f"{name}-{causal}"] = [_gap(out, ref[..., lo:hi, :])]
+    # Ranks that call with another projection or another kernel: a ValueError on every
+    # rank, not a merge of unrelated summaries.
+    qs, ks, vs = (x[..., lo:hi, :] for x in (q, k, v))
+    for name, kw in (
+        ("projection", dict(projection=torch.tensor(fp.draw_projection(16, d, seed=rank)))),
+        ("kernel", dict(projection=w, kernel="relu" if rank == world - 1 else "softmax")),
+    ):
+        try:
+            fp.favor_attention(qs, ks, vs, process_group=dist.group.WORLD, **kw)
+            results[f"error-{name}"] = "none"
+        except ValueError as e:
+            results[f"error-{name}"] = str(e)
     # A 2-D DeviceMesh (1 x world), the sequence over its dimension "sp"; causal, the
     # last rank's keys and values adversarial (inf, NaN, +-1e30): the other ranks'
     # outputs equal those of the plain inputs bit for bit.

@@ -27,7 +27,9 @@ def test_sharded_equals_single_process_three_ranks_uneven(tmp_path: Path) -> Non
     # Shards of 5, 0 and 32 tokens (an empty rank included); a bool key mask (batch row 0
     # without any key on rank 0), softmax and relu kernels, bidirectional and causal;
     # outputs and gradients of q, k, v against the single-process call (float64:
-    # rounding ~1e-15). Causal on a DeviceMesh dimension with the last rank adversarial:
+    # rounding ~1e-15); also an additive mask with -inf on rank 0 only and a mask on
+    # rank 0 only (None elsewhere). Ranks with other projections or kernels: a
+    # ValueError on every rank. Causal on a DeviceMesh dimension with the last rank adversarial:
     # the earlier ranks' outputs unchanged bit for bit.
     world = 3
     port = _free_port()
@@ -59,7 +61,10 @@ def test_sharded_equals_single_process_three_ranks_uneven(tmp_path: Path) -> Non
         # a (1, 3) DeviceMesh's "sp" dimension as the group; the last rank adversarial
         assert res.pop("leaked") == 0
         assert res.pop("mesh-gap")[0] < 1e-12
-        assert len(res) == 4
+        for name in ("projection", "kernel"):
+            err = res.pop(f"error-{name}")
+            assert f"ranks must call favor_attention with the same {name}" in err, err
+        assert len(res) == 8
         for case, gaps in res.items():
             assert max(gaps) < 1e-12, (r, case, gaps)
 

@@ -7,11 +7,13 @@ may have different lengths, 0 included). One differentiable all-gather
 backward pass is a reduce-scatter) of each rank's key summary, m (dv + 1) numbers per
 row and rank whatever the length, then a merge of all of them (bidirectional) or of
 those of the earlier ranks (causal, LASP-2) on every rank. Before that, one small
-all-gather checks that the ranks agree on the shapes (skipped under torch.compile).
+all-gather checks that the ranks agree on the shapes, the kernel, the scale, the
+dtype and the projection (skipped under torch.compile).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .summaries import Collectives
@@ -76,40 +78,70 @@ class TorchGroup(Collectives):
             out = torch.as_tensor(out)
         return out
 
-    def check_shapes(self, **shapes: tuple[int, ...]) -> None:
-        """Every rank must hold the same shapes, but for the sequence axis (-2) of q,
-        k and v (axis -1 of the key masks); else a ValueError on every rank (all see
-        the same gathered shapes)."""
+    def check_agreement(
+        self, device: Any, shapes: dict[str, tuple[int, ...] | None], settings: dict[str, Any]
+    ) -> None:
+        """One small all-gather that checks that the ranks agree: on the shapes but for
+        the sequence axis (-2) of q, k and v (axis -1 of the key masks), and on the
+        ``settings`` (0-d tensors or numbers: the kernel, the scale, the projection's
+        checksum, ...). ``shapes`` names every array, None for one a rank does not hold:
+        every rank sends a row of the same size whatever it holds (else the gather
+        itself would fail). The key masks may be held by some ranks only (they mask
+        each rank's own keys). Else a ValueError on every rank (all see the same
+        gathered values). Skipped under torch.compile."""
         import torch
         import torch.distributed as dist
 
         if torch.compiler.is_compiling():
             return
         width = 10  # the last 10 dimensions of each shape are compared
-        rows = []
-        for shape in shapes.values():
-            shape = tuple(shape)
-            row = [len(shape), *shape[-width:]] + [0] * (width - min(width, len(shape)))
-            rows.extend(row)
-        mine = torch.tensor(rows, dtype=torch.int64)
+        rows = [_row(shape, width) for shape in shapes.values()]
+        floats = [torch.as_tensor(x, dtype=torch.float64, device=device) for x in settings.values()]
+        mine = torch.cat(
+            [
+                torch.tensor(rows, dtype=torch.int64, device=device).flatten(),
+                torch.stack(floats).view(torch.int64),
+            ]
+        )
         everyone = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(everyone, mine, group=self.group)
-        names = list(shapes)
-        table = [t.view(len(names), width + 1) for t in everyone]
-        for i, name in enumerate(names):
-            back = 2 if name in ("q", "k", "v") else 1 if name != "batch" else 0
-            for r, t in enumerate(table):
-                a, b = table[0][i].tolist(), t[i].tolist()
+        n = len(rows) * (width + 1)
+        tables = [t[:n].view(len(rows), width + 1).tolist() for t in everyone]
+        values = [t[n:].view(torch.float64).tolist() for t in everyone]
+        for r in range(self.size):
+            for name, a, b in zip(shapes, map(list, tables[0]), map(list, tables[r])):
+                if min(a[0], b[0]) < 0 and name in _MAY_DIFFER:
+                    continue
+                back = 2 if name in ("q", "k", "v") else 1 if name != "batch" else 0
                 if back and a[0] == b[0] and a[0] >= back:
                     a[a[0] + 1 - back] = b[b[0] + 1 - back] = -1  # the sequence length
                 if a != b:
                     raise ValueError(
                         f"process_group: the ranks must hold {name} of the same shape but "
-                        f"for the sequence axis; rank 0 has {_shape(table[0][i])}, rank "
-                        f"{r} has {_shape(t[i])}"
+                        f"for the sequence axis; rank 0 has {_shape(tables[0], shapes, name)}, "
+                        f"rank {r} has {_shape(tables[r], shapes, name)}"
+                    )
+            for name, x0, x in zip(settings, values[0], values[r]):
+                if not math.isclose(x, x0, rel_tol=1e-6, abs_tol=0.0):
+                    raise ValueError(
+                        f"process_group: the ranks must call favor_attention with the same "
+                        f"{name}; rank {r}'s differs from rank 0's ({x!r} against {x0!r})"
                     )
 
 
-def _shape(row: Any) -> tuple[int, ...]:
-    values = row.tolist()
-    return tuple(values[1 : 1 + values[0]])
+# Masks of each rank's own keys: a rank may hold one where another holds none.
+_MAY_DIFFER = ("key_mask", "key_bias", "dropout_keep")
+
+
+def _row(shape: tuple[int, ...] | None, width: int) -> list[int]:
+    """[ndim, the last ``width`` dimensions, zeros] for a shape; [-1, zeros] for none."""
+    if shape is None:
+        return [-1] + [0] * width
+    shape = tuple(shape)
+    return [len(shape), *shape[-width:]] + [0] * (width - min(width, len(shape)))
+
+
+def _shape(table: list[list[int]], shapes: dict[str, Any], name: str) -> str:
+    """The shape that a row of a gathered table holds for ``name``, as text."""
+    row = table[list(shapes).index(name)]
+    return "none" if row[0] < 0 else str(tuple(row[1 : 1 + row[0]]))
