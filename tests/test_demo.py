@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -110,3 +111,28 @@ def test_demo_refuses_data_driven_estimators_in_causal_attention(capsys):
     with pytest.raises(SystemExit):
         main([*SMALL, "--backends", "numpy", "--kernel", "softmax_oprf", "--causal"])
     assert "later tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--seed", "-1"), ("--input-std", "nan"), ("--input-std", "inf")]
+)
+def test_demo_refuses_bad_seed_and_input_std(option, value, capsys):
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--backends", "numpy", option, value])
+    err = capsys.readouterr().err
+    assert f"{option} must be" in err and f"got {value}" in err, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+def test_demo_labels_only_the_dtype_it_ran(capsys):
+    # JAX without x64 turns float64 requests into float32 arrays: the row must not
+    # report float64 figures then. In its own process, so that x64 is as a user has it.
+    res = subprocess.run(
+        [sys.executable, "-m", "favorplus", *SMALL, "--backends", "jax", "--dtype", "float64"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "JAX_ENABLE_X64": "0"},
+    )
+    (row,) = _rows(res.stdout)
+    assert "float64" in row and "dtype not available (set JAX_ENABLE_X64=1)" in row, row

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -211,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("heads", "length", "dim", "features", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.input_std < 0:
-        parser.error("--input-std must be at least 0")
+    if not (math.isfinite(args.input_std) and args.input_std >= 0):
+        parser.error(f"--input-std must be a finite number at least 0; got {args.input_std}")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0; got {args.seed}")
     if args.causal and args.kernel in DATA_DRIVEN:
         parser.error(
             f"--kernel {args.kernel} takes its parameters from the call's own queries and "
@@ -249,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             conv = lambda a: ns.asarray(a.astype(args.dtype))  # noqa: E731
         if name == "torch" and args.dtype == "bfloat16":
             conv = lambda a: ns.asarray(a, device=dev).to(dtype)  # noqa: E731
-        qb, kb, vb, wb = conv(q), conv(k), conv(v), conv(w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # JAX's "float64 is not available"
+            qb, kb, vb, wb = conv(q), conv(k), conv(v), conv(w)
+        if qb.dtype != dtype:  # JAX without x64 makes float32 arrays of float64 requests
+            hint = " (set JAX_ENABLE_X64=1)" if name == "jax" else ""
+            rows.append((name, label, args.dtype, f"dtype not available{hint}", "", "", ""))
+            continue
         t_fav, out = _best_time(
             lambda: favor_attention(qb, kb, vb, wb, kernel=args.kernel, causal=args.causal),
             args.repeats,
