@@ -14,11 +14,12 @@ dtype and the projection (skipped under torch.compile).
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 from .summaries import Collectives
 
-__all__ = ["TorchGroup"]
+__all__ = ["TorchGroup", "call_settings"]
 
 
 def _resolve(group: Any) -> Any:
@@ -79,12 +80,16 @@ class TorchGroup(Collectives):
         return out
 
     def check_agreement(
-        self, device: Any, shapes: dict[str, tuple[int, ...] | None], settings: dict[str, Any]
+        self,
+        device: Any,
+        shapes: dict[str, tuple[int, ...] | None],
+        settings: dict[str, tuple[Any, str]],
     ) -> None:
         """One small all-gather that checks that the ranks agree: on the shapes but for
         the sequence axis (-2) of q, k and v (axis -1 of the key masks), and on the
-        ``settings`` (0-d tensors or numbers: the kernel, the scale, the projection's
-        checksum, ...). ``shapes`` names every array, None for one a rank does not hold:
+        ``settings`` (name: a 0-d tensor or a number, compared to a relative 1e-6, and
+        this rank's value as text: the kernel, the scale, the projection's checksum,
+        ...). ``shapes`` names every array, None for one a rank does not hold:
         every rank sends a row of the same size whatever it holds (else the gather
         itself would fail). The key masks may be held by some ranks only (they mask
         each rank's own keys). Else a ValueError on every rank (all see the same
@@ -96,7 +101,9 @@ class TorchGroup(Collectives):
             return
         width = 10  # the last 10 dimensions of each shape are compared
         rows = [_row(shape, width) for shape in shapes.values()]
-        floats = [torch.as_tensor(x, dtype=torch.float64, device=device) for x in settings.values()]
+        floats = [
+            torch.as_tensor(x, dtype=torch.float64, device=device) for x, _ in settings.values()
+        ]
         mine = torch.cat(
             [
                 torch.tensor(rows, dtype=torch.int64, device=device).flatten(),
@@ -121,12 +128,38 @@ class TorchGroup(Collectives):
                         f"for the sequence axis; rank 0 has {_shape(tables[0], shapes, name)}, "
                         f"rank {r} has {_shape(tables[r], shapes, name)}"
                     )
-            for name, x0, x in zip(settings, values[0], values[r]):
+            for (name, (_, shown)), x0, x in zip(settings.items(), values[0], values[r]):
                 if not math.isclose(x, x0, rel_tol=1e-6, abs_tol=0.0):
                     raise ValueError(
                         f"process_group: the ranks must call favor_attention with the same "
-                        f"{name}; rank {r}'s differs from rank 0's ({x!r} against {x0!r})"
+                        f"{name}; rank {r}'s differs from rank 0's (rank "
+                        f"{self.rank}, this one, has {shown})"
                     )
+
+
+def call_settings(
+    projection: Any, xp: Any, kern: Any, scale: float, dtype: Any, causal: bool, *_: Any
+) -> dict[str, tuple[Any, str]]:
+    """What every rank must call a sharded favor_attention with: for each, a number
+    and this rank's value as text (for the error message). The kernel's and the
+    dtype's names by checksum; the projection by a weighted sum of its absolute values,
+    weights rising from 1 to 2 along its entries (positive terms: equal to rounding
+    whatever the device's summation order; moved or other entries change it)."""
+    checksum: Any = 0.0  # without a projection too: every rank sends as many numbers
+    shown = "none"
+    if projection is not None:
+        import torch
+
+        w = projection.detach().double().flatten()
+        weights = torch.linspace(1.0, 2.0, w.numel(), dtype=w.dtype, device=w.device)
+        checksum, shown = (w.abs() * weights).sum(), f"one of shape {tuple(projection.shape)}"
+    return {
+        "kernel": (zlib.crc32(kern.name.encode()), repr(kern.name)),
+        "dtype": (zlib.crc32(str(dtype).encode()), str(dtype)),
+        "scale": (scale, repr(scale)),
+        "causal": (float(causal), repr(causal)),
+        "projection": (checksum, shown),
+    }
 
 
 # Masks of each rank's own keys: a rank may hold one where another holds none.

@@ -4,7 +4,6 @@ shard summaries (:mod:`favorplus.summaries`) with the collectives of an engine (
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 from ._backend import Array, Namespace
@@ -65,28 +64,6 @@ def sharded_core(
     return xp.astype(out, v.dtype, copy=False)
 
 
-def _settings(
-    projection: Any, xp: Any, kern: Kernel, scale: float, dtype: Any, causal: bool, *_: Any
-) -> dict[str, Any]:
-    """What every rank must call a sharded favor_attention with, as numbers: the
-    kernel's and the dtype's names (by checksum), the scale, causal, and the projection
-    (by its sums of squares and of absolute values, which do not depend on its
-    device's summation order beyond rounding)."""
-    squares: Any = 0.0  # without a projection too: every rank sends as many numbers
-    absolute: Any = 0.0
-    if projection is not None:
-        w = projection.detach().double()
-        squares, absolute = (w * w).sum(), w.abs().sum()
-    return {
-        "kernel": zlib.crc32(kern.name.encode()),
-        "dtype": zlib.crc32(str(dtype).encode()),
-        "scale": scale,
-        "causal": float(causal),
-        "projection (its sum of squares)": squares,
-        "projection (its sum of absolute values)": absolute,
-    }
-
-
 def sharded_call(
     arrays: tuple[Any, ...], statics: tuple[Any, ...], axis_name: Any, process_group: Any
 ) -> Array:
@@ -119,12 +96,12 @@ def sharded_call(
                 f"process_group is for torch tensors; got {type(q).__name__} (JAX: pass "
                 f"axis_name inside jax.shard_map)"
             )
-        from ._torch_collectives import TorchGroup
+        from ._torch_collectives import TorchGroup, call_settings
 
         group = TorchGroup(process_group)
         names = ("q", "k", "v", "projection", "key_mask", "key_bias", "dropout_keep")
         shapes = {n: None if a is None else tuple(a.shape) for n, a in zip(names, arrays)}
         shapes["batch"] = tuple(statics[6])
-        group.check_agreement(q.device, shapes, _settings(arrays[3], *statics))
+        group.check_agreement(q.device, shapes, call_settings(arrays[3], *statics))
         comm = group
     return sharded_core(comm, *arrays, *statics)
