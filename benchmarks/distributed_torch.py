@@ -11,7 +11,7 @@ causal forward + backward) and L, each rank records
 
 * **the bytes of every collective** favorplus issues, observed (not computed): a
   ``TorchDispatchMode`` logs each ``c10d`` / ``_c10d_functional`` operation with the
-  shapes and dtypes of its operands (the shape check, the all-gathers of the summaries
+  shapes and dtypes of its operands (the agreement check, the all-gathers of the summaries
   and, in the backward pass, their reduce-scatters); the benchmark fails if they change
   with L;
 * **its peak memory**: the process's peak resident set (``VmHWM``) during the shard's
