@@ -31,6 +31,10 @@ def _mutable(x: Array) -> str | None:
     if is_numpy(x):
         return "numpy" if x.flags.writeable and x.flags.c_contiguous else None
     if is_torch(x):
+        if sys.modules["torch"].compiler.is_compiling():
+            # torch.compile functionalizes in-place steps anyway, and under its tracing of
+            # torch.func transforms the operands' wrapping cannot be inspected.
+            return None
         # Autograd allows in-place steps on non-leaf tensors that no backward needs:
         # callers pass owned=True only for such temporaries (see needs_grad).
         # In-place steps on a tracked view would make autograd copy its base in the
@@ -52,8 +56,9 @@ def _functorch_wrapped(y: Array | float) -> bool:
 
 def _binary(x: Array, y: Array | float, owned: bool, name: str, op: Any) -> Array:
     """``op(x, y)``, in place on x (torch ``x.<name>_``, NumPy ``out=x``) when allowed."""
-    fits = owned and _fits(x, y) and not _functorch_wrapped(y)
-    kind = _mutable(x) if fits else None
+    kind = _mutable(x) if owned and _fits(x, y) else None
+    if kind == "torch" and _functorch_wrapped(y):
+        kind = None
     if kind == "torch":
         return getattr(x, f"{name}_")(y)
     if kind == "numpy":
