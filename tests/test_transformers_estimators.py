@@ -207,6 +207,40 @@ def test_causal_outputs_do_not_see_later_tokens(family, kernel, training):
         assert not torch.equal(out[:, 6:], base[:, 6:])
 
 
+@pytest.mark.parametrize("kernel", ESTIMATORS)
+def test_decoder_cross_attention_does_not_see_later_tokens(kernel):
+    """An encoder-decoder (Bart): the decoder's cross-attention is bidirectional over the
+    encoder's keys, but its queries are the decoder's tokens in order, so it takes the
+    running statistics too. Later decoder tokens leave earlier logits bit for bit the
+    same, and decoding token by token with a cache equals one forward pass (float64)."""
+    config = transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    bart = transformers.BartForConditionalGeneration(config).double()
+    fpt.performerize(bart, kernel=kernel, num_features=16)
+    bart.train()
+    bart(input_ids=_ids(4, 8, seed=9), decoder_input_ids=_ids(4, 6, seed=10))
+    bart.eval()
+    src, dec = _ids(2, 8, seed=1), _ids(2, 6, seed=3)
+    later = dec.clone()
+    later[:, 3:] = _ids(2, 3, seed=4)
+    base = bart(input_ids=src, decoder_input_ids=dec).logits
+    moved = bart(input_ids=src, decoder_input_ids=later).logits
+    assert torch.equal(moved[:, :3], base[:, :3])
+    assert not torch.equal(moved[:, 3:], base[:, 3:])
+    encoded = bart.get_encoder()(input_ids=src)
+    cache = transformers.EncoderDecoderCache(DynamicCache(), DynamicCache())
+    steps = [
+        bart(encoder_outputs=encoded, decoder_input_ids=dec[:, t : t + 1], cache=cache).logits
+        for t in range(dec.shape[1])
+    ]
+    got = torch.cat(steps, 1).detach().numpy()
+    np.testing.assert_allclose(got, base.detach().numpy(), rtol=0, atol=1e-12)
+
+
 # --- running statistics: training updates, eval freezes -----------------------------------
 
 

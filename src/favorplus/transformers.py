@@ -784,9 +784,12 @@ def favorplus_attention_forward(
         query, key, value, masks = _resolve_mask(
             module, query, key, value, attention_mask, is_causal
         )
-        if tracking and causal_call:
+        if tracking and (causal_call or _in_decoder(module)):
             # No output may see its own sequence's statistics: the running ones, as they
             # are before this call (a copy, so that the update below cannot reach them).
+            # Also in a decoder's cross-attention, bidirectional over the encoder's keys,
+            # but whose queries are the decoder's tokens in order: statistics over all of
+            # them would let each see the later ones.
             running = _running(module, heads, query.shape[-1], query.device)
             kernel = with_statistics(kernel, FeatureStatistics(*(r.clone() for r in running)))
         call = dict(kernel=kernel, scale=scaling, **masks)
@@ -805,6 +808,14 @@ def favorplus_attention_forward(
             # After the output: this call's outputs never see its own statistics.
             _update_statistics(module, query, key, masks.get("key_mask"))
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _in_decoder(module: nn.Module) -> bool:
+    """Whether a module belongs to a decoder (its queries are tokens in order):
+    transformers' ``is_decoder`` on the module (Bart, Whisper, ...) or its config (BERT
+    as a decoder)."""
+    config = getattr(module, "config", None)
+    return bool(getattr(module, "is_decoder", False) or getattr(config, "is_decoder", False))
 
 
 def _causal_call(
