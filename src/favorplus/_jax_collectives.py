@@ -88,17 +88,18 @@ def _check_key_aligned(
     then holds the mask of its own keys, batch rows and heads."""
     from jax.sharding import PartitionSpec as P
 
-    lead = k.ndim - 2
     n = x.ndim - 1
-    aligned = n <= lead and spec[-1] == axis
-    for i in range(n):
-        j = lead - n + i
-        if not aligned:
-            break
-        if x.shape[i] == 1:
-            aligned = spec[i] is None
-        else:
-            aligned = x.shape[i] == k.shape[j] and spec[i] == sk[j]
+    off = k.ndim - 2 - n  # x's leading axis i is k's axis off + i
+    aligned = (
+        off >= 0
+        and spec[-1] == axis
+        and all(
+            spec[i] is None
+            if x.shape[i] == 1
+            else (x.shape[i] == k.shape[off + i] and spec[i] == sk[off + i])
+            for i in range(n)
+        )
+    )
     if not aligned:
         raise ValueError(
             f"{hint}, which needs {name} sharded like k: its last (key) axis over {axis!r}, "

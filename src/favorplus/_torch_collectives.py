@@ -116,7 +116,8 @@ class TorchGroup(Collectives):
         tables = [t[:n].view(len(rows), width + 1).tolist() for t in everyone]
         values = [t[n:].view(torch.float64).tolist() for t in everyone]
         for r in range(self.size):
-            for name, a, b in zip(shapes, map(list, tables[0]), map(list, tables[r])):
+            for i, name in enumerate(shapes):
+                a, b = list(tables[0][i]), list(tables[r][i])
                 if min(a[0], b[0]) < 0 and name in _MAY_DIFFER:
                     continue
                 back = 2 if name in ("q", "k", "v") else 1 if name != "batch" else 0
@@ -125,8 +126,8 @@ class TorchGroup(Collectives):
                 if a != b:
                     raise ValueError(
                         f"process_group: the ranks must hold {name} of the same shape but "
-                        f"for the sequence axis; rank 0 has {_shape(tables[0], shapes, name)}, "
-                        f"rank {r} has {_shape(tables[r], shapes, name)}"
+                        f"for the sequence axis; rank 0 has {_shape(tables[0][i])}, rank {r} "
+                        f"has {_shape(tables[r][i])}"
                     )
             for (name, (_, shown)), x0, x in zip(settings.items(), values[0], values[r]):
                 if not math.isclose(x, x0, rel_tol=1e-6, abs_tol=0.0):
@@ -174,7 +175,6 @@ def _row(shape: tuple[int, ...] | None, width: int) -> list[int]:
     return [len(shape), *shape[-width:]] + [0] * (width - min(width, len(shape)))
 
 
-def _shape(table: list[list[int]], shapes: dict[str, Any], name: str) -> str:
-    """The shape that a row of a gathered table holds for ``name``, as text."""
-    row = table[list(shapes).index(name)]
+def _shape(row: list[int]) -> str:
+    """The shape that a gathered row (see ``_row``) holds, as text."""
     return "none" if row[0] < 0 else str(tuple(row[1 : 1 + row[0]]))
